@@ -1,0 +1,200 @@
+"""Multi-seed runner: trains a script over N seeds in parallel worker processes and reports the spread.
+
+    python benchmark/run.py --env-ids CartPole-v1 --seeds 10 --workers 2 --out benchmark/results/cartpole
+
+Each run is `python <script> --env-id E --seed S <extra args>` in its own process, with one torch thread and
+pinned to one core. Per env it writes <env>.csv (every eval of every seed), <env>_runs.csv (final eval and
+wall seconds per seed), <env>.png (mean eval curve with a one-standard-error band, seeds faint), and
+summary.md (the table, the exact command, commit and machine). Extra arguments after `--` go to the script.
+"""
+
+import argparse
+import csv
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunResult:
+    env_id: str
+    seed: int
+    wall_seconds: float
+    curve: list  # rows of eval.csv as dicts
+    error: str = ""
+
+    @property
+    def final(self) -> float:
+        return float(self.curve[-1]["eval_mean"]) if self.curve else float("nan")
+
+
+def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_dir: Path, log_dir: Path):
+    runs_dir = work_dir / f"{env_id}__{seed}"
+    command = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed),
+               "--runs-dir", str(runs_dir), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pin = (lambda: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") else None
+    start = time.perf_counter()
+    with open(log_dir / f"{env_id}_seed{seed}.log", "w") as log:
+        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+    wall = time.perf_counter() - start
+    eval_files = sorted(runs_dir.glob("*/eval.csv"))
+    if process.returncode != 0 or not eval_files:
+        return RunResult(env_id, seed, wall, [], f"exit {process.returncode}, see {log_dir}/{env_id}_seed{seed}.log")
+    with open(eval_files[-1]) as f:
+        return RunResult(env_id, seed, wall, list(csv.DictReader(f)))
+
+
+def mean_and_se(values) -> tuple:
+    values = np.asarray(values, dtype=float)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return values.mean(), se
+
+
+def write_env_outputs(out: Path, env_id: str, results: list, threshold) -> dict:
+    ok = [r for r in results if not r.error]
+    with open(out / f"{env_id}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
+        for r in ok:
+            for row in r.curve:
+                writer.writerow([r.seed, row["step"], row["eval_mean"], row["eval_std"], row["episodes"],
+                                 row["wall_seconds"]])
+    with open(out / f"{env_id}_runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "final_eval_mean", "solved", "run_wall_seconds", "error"])
+        for r in results:
+            solved = "" if threshold is None or r.error else int(r.final >= threshold)
+            writer.writerow([r.seed, f"{r.final:.4f}", solved, f"{r.wall_seconds:.1f}", r.error])
+    finals = [r.final for r in ok]
+    mean, se = mean_and_se(finals) if finals else (float("nan"), float("nan"))
+    if ok:
+        plot_curves(out / f"{env_id}.png", env_id, ok, threshold)
+    return {"env": env_id, "seeds": len(results), "failed": len(results) - len(ok),
+            "steps": int(ok[0].curve[-1]["step"]) if ok else 0, "mean": mean, "se": se,
+            "solved": sum(f >= threshold for f in finals) if threshold is not None else None,
+            "threshold": threshold, "median_wall": float(np.median([r.wall_seconds for r in results]))}
+
+
+def plot_curves(path: Path, env_id: str, results: list, threshold) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([int(row["step"]) for row in results[0].curve])
+    curves = np.array([[float(row["eval_mean"]) for row in r.curve] for r in results])
+    mean = curves.mean(axis=0)
+    se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve in curves:
+        ax.plot(steps, curve, color="tab:blue", alpha=0.15, linewidth=0.8)
+    ax.plot(steps, mean, color="tab:blue", label=f"mean of {len(curves)} seeds")
+    ax.fill_between(steps, mean - se, mean + se, color="tab:blue", alpha=0.3, label="± 1 standard error")
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set(title=env_id, xlabel="env steps", ylabel="eval episodic return")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def format_table(rows: list) -> str:
+    lines = ["| env | seeds | steps | final eval mean ± SE | seeds solved | median wall s/run |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        solved = "n/a" if row["solved"] is None else f"{row['solved']}/{row['seeds']} (>= {row['threshold']:g})"
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        lines.append(f"| {row['env']} | {row['seeds']}{failed} | {row['steps']} | {row['mean']:.2f} ± {row['se']:.2f} "
+                     f"| {solved} | {row['median_wall']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--script", default=str(REPO / "dqn.py"), help="the training script to run")
+    parser.add_argument("--env-ids", nargs="+", default=["CartPole-v1"])
+    parser.add_argument("--seeds", type=int, default=10, help="number of seeds: 1..N")
+    parser.add_argument("--first-seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="runs in parallel, one core each")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="final eval that counts as solved (default: the env spec's reward_threshold)")
+    parser.add_argument("--out", required=True, help="folder for CSVs, PNGs, logs and summary.md")
+    args = parser.parse_args(argv[:split])
+    extra = argv[split + 1:]
+    script = Path(args.script).resolve()
+    if not script.is_file():
+        parser.error(f"no script at {script}")
+    if args.seeds < 1 or args.workers < 1:
+        parser.error("--seeds and --workers must be at least 1")
+    import gymnasium as gym
+
+    out = Path(args.out)
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(env_id, seed) for env_id in args.env_ids
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dqn-bench-") as work, ThreadPoolExecutor(args.workers) as pool:
+        # Job k runs on core k mod cores: with workers == cores, no two runs share a core.
+        futures = [pool.submit(run_one, script, env_id, seed, extra, cores[k % len(cores)], Path(work), log_dir)
+                   for k, (env_id, seed) in enumerate(jobs)]
+        results = []
+        for future in futures:
+            result = future.result()
+            results.append(result)
+            status = result.error or f"final eval {result.final:.2f}"
+            print(f"{result.env_id} seed {result.seed}: {status} ({result.wall_seconds:.1f}s)", flush=True)
+    rows = []
+    for env_id in args.env_ids:
+        threshold = args.threshold if args.threshold is not None else gym.spec(env_id).reward_threshold
+        rows.append(write_env_outputs(out, env_id, [r for r in results if r.env_id == env_id], threshold))
+    table = format_table(rows)
+    print(table)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    (out / "summary.md").write_text(
+        f"# {', '.join(args.env_ids)}: {args.seeds} seeds\n\n{table}\n\n"
+        f"- command (from the repository root): `{command}`\n- commit: {git_commit()}\n"
+        f"- machine: {machine_description()}\n- workers: {args.workers}, one torch thread each, pinned to a core\n"
+        f"- total wall: {time.perf_counter() - started:.0f} s\n")
+    if any(r.error for r in results):
+        sys.exit(f"{sum(bool(r.error) for r in results)} run(s) failed; see {log_dir}")
+
+
+if __name__ == "__main__":
+    main()

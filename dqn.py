@@ -1,0 +1,452 @@
+"""DQN (Mnih et al. 2015) for classic-control gymnasium environments, in one file.
+
+Read top to bottom: the arguments, the pieces (environment, replay, network, schedule, update, evaluation),
+then the training loop in `train()`. `python dqn.py` solves CartPole-v1; see README.md for other envs.
+"""
+
+import csv
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments; the same seed on CPU gives the same run"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms"""
+    cuda: bool = True
+    """train on CUDA when it is available"""
+    env_id: str = "CartPole-v1"
+    """a gymnasium env with a Discrete action space and a Box or Discrete observation space"""
+    total_timesteps: int = 60_000
+    """total environment steps of training"""
+    learning_rate: float = 2.3e-3
+    """Adam's learning rate"""
+    buffer_size: int = 100_000
+    """replay capacity in transitions"""
+    gamma: float = 0.99
+    """discount factor"""
+    target_network_frequency: int = 10
+    """env steps between copies of the online network into the target network"""
+    batch_size: int = 64
+    """transitions per gradient step"""
+    start_e: float = 1.0
+    """epsilon at the first step"""
+    end_e: float = 0.04
+    """epsilon after the annealing"""
+    exploration_fraction: float = 0.16
+    """fraction of total_timesteps over which epsilon falls linearly from start_e to end_e"""
+    learning_starts: int = 1000
+    """env steps of pure collection before the first gradient step"""
+    train_frequency: int = 256
+    """env steps between training phases"""
+    gradient_steps: int = 128
+    """gradient steps in each training phase"""
+    max_grad_norm: float = 10.0
+    """clip the gradient's global L2 norm to this (0 disables)"""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """widths of the hidden layers of the Q-network"""
+    eval_every: int = 10_000
+    """env steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 100
+    """episodes per evaluation"""
+    eval_epsilon: float = 0.0
+    """epsilon of the evaluation policy (0: greedy)"""
+    progress_every: int = 10_000
+    """env steps between progress lines (0: none)"""
+    runs_dir: str = "runs"
+    """where each run's directory (tensorboard events, eval.csv, model) is created"""
+    save_model: bool = False
+    """write the trained weights to <run dir>/<exp_name>.pt"""
+    eval_model: str = ""
+    """path of a saved model: evaluate it for eval_episodes episodes and exit without training"""
+
+
+class ConfigError(Exception):
+    """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+
+
+def check_args(args: Args) -> None:
+    positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "gradient_steps",
+                "target_network_frequency", "eval_episodes"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_every", "progress_every", "max_grad_norm"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["start_e", "end_e", "eval_epsilon", "gamma"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0.0 < args.exploration_fraction <= 1.0:
+        raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        raise ConfigError(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
+
+
+# ---- Environment -------------------------------------------------------------------------------------------
+
+
+class OneHotObservation(gym.ObservationWrapper):
+    """Encodes a Discrete observation (FrozenLake's cell index) as a float32 one-hot vector."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.n = int(env.observation_space.n)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (self.n,), np.float32)
+
+    def observation(self, observation):
+        one_hot = np.zeros(self.n, dtype=np.float32)
+        one_hot[int(observation)] = 1.0
+        return one_hot
+
+
+def make_env(env_id: str) -> gym.Env:
+    """Builds the env, refusing (ConfigError) an unknown id or spaces this DQN cannot handle."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as error:
+        raise ConfigError(f"unknown env id {env_id!r} ({type(error).__name__}: {error})") from None
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        env.close()
+        raise ConfigError(f"{env_id} has a {type(env.action_space).__name__} action space; DQN needs Discrete")
+    if isinstance(env.observation_space, gym.spaces.Discrete):
+        return OneHotObservation(env)
+    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        env.close()
+        raise ConfigError(f"{env_id} observations are {env.observation_space}; dqn.py takes a Discrete "
+                          "or a 1-D Box observation space (images: dqn_atari.py)")
+    # float32 at the source: a float64 observation would otherwise reach the replay and the network.
+    return gym.wrappers.DtypeObservation(env, np.float32)
+
+
+# ---- Replay ------------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """A preallocated ring of float32 transitions, sampled uniformly with replacement by randint.
+
+    Storage is allocated once as contiguous arrays (never a Python list of arrays turned into a tensor per
+    batch), in float32 (float64 would double the memory for nothing), and a batch is gathered by fancy
+    indexing into those arrays, then moved to the training device as whole tensors.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, device: torch.device, seed: int):
+        self.capacity = capacity
+        self.device = device
+        self.observations = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_observations = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+        self.position = 0
+        self.size = 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, obs, action: int, reward: float, next_obs, terminated: bool) -> None:
+        i = self.position
+        self.observations[i] = obs
+        self.actions[i] = action
+        self.rewards[i] = reward
+        self.next_observations[i] = next_obs
+        self.terminated[i] = terminated
+        self.position = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int):
+        # randint over the filled part: O(batch) per draw. np.random.choice(size, batch, replace=False)
+        # permutes the whole buffer on every call and made the seed's loop crawl.
+        idx = self.rng.integers(0, self.size, size=batch_size)
+        return tuple(torch.from_numpy(array[idx]).to(self.device) for array in
+                     (self.observations, self.actions, self.rewards, self.next_observations, self.terminated))
+
+
+# ---- Network and schedule ----------------------------------------------------------------------------------
+
+
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        layers, width = [], obs_dim
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, n_actions))
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    """Epsilon at env step t: falls linearly from start_e to end_e over `duration` steps, then stays."""
+    return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
+
+
+class TargetSync:
+    """Copies the online network into the target network every `every` calls of step() (one per env step)."""
+
+    def __init__(self, q_network: nn.Module, target_network: nn.Module, every: int):
+        self.q_network, self.target_network, self.every = q_network, target_network, every
+        self.steps = 0
+        self.syncs = 0
+
+    def step(self) -> None:
+        self.steps += 1  # the seed's counter was never incremented, so its target network never moved
+        if self.steps % self.every == 0:
+            self.target_network.load_state_dict(self.q_network.state_dict())
+            self.syncs += 1
+
+
+# ---- Update ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()  # the target is a constant: no graph through the target network, so no gradient reaches it
+def td_target(target_network, rewards, next_obs, terminated, gamma: float) -> torch.Tensor:
+    """r + gamma * max_a' Q_target(s', a'), with the bootstrap cut where the episode terminated."""
+    next_q = target_network(next_obs).max(dim=1).values
+    # (1 - terminated): a terminal state has no future. terminated, not truncated: a time limit is not one.
+    return rewards + gamma * next_q * (1.0 - terminated)
+
+
+def td_update(q_network, target_network, optimizer, batch, gamma: float, max_grad_norm: float):
+    """One gradient step on the Huber TD error. Returns (loss, mean Q of the taken actions), both detached."""
+    obs, actions, rewards, next_obs, terminated = batch
+    target = td_target(target_network, rewards, next_obs, terminated, gamma)
+    q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+    # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
+    # (the seed's hand-written version was off by a factor of 2).
+    loss = F.smooth_l1_loss(q_taken, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+    optimizer.step()
+    return loss.detach(), q_taken.detach().mean()
+
+
+def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator):
+    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q."""
+    actions = torch.argmax(q_network(obs), dim=1).cpu().numpy()
+    explore = rng.random(len(actions)) < epsilon
+    actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
+    return actions
+
+
+# ---- Evaluation --------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Plays `episodes` episodes at once on separate env copies, one batched forward pass per step."""
+
+    def __init__(self, env_id: str, episodes: int, epsilon: float, seed: int, device: torch.device):
+        self.envs = [make_env(env_id) for _ in range(episodes)]
+        self.epsilon, self.device = epsilon, device
+        self.n_actions = int(self.envs[0].action_space.n)
+        self.rng = np.random.default_rng(seed)
+        # Each copy is seeded once; later evaluations continue its stream and so see fresh episodes.
+        self.reset_seeds = [seed + i for i in range(episodes)]
+
+    @torch.no_grad()
+    def __call__(self, q_network: nn.Module) -> np.ndarray:
+        obs = [env.reset(seed=s)[0] for env, s in zip(self.envs, self.reset_seeds)]
+        self.reset_seeds = [None] * len(self.envs)
+        returns = np.zeros(len(self.envs))
+        active = list(range(len(self.envs)))
+        while active:
+            batch = torch.as_tensor(np.stack([obs[i] for i in active]), device=self.device)
+            actions = epsilon_greedy(q_network, batch, self.epsilon, self.n_actions, self.rng)
+            still_active = []
+            for i, action in zip(active, actions):
+                obs[i], reward, terminated, truncated, _ = self.envs[i].step(int(action))
+                returns[i] += reward
+                if not (terminated or truncated):
+                    still_active.append(i)
+            active = still_active
+        return returns
+
+
+# ---- Saved models ------------------------------------------------------------------------------------------
+
+
+def save_model(path: str, q_network: QNetwork, args: Args, obs_dim: int, n_actions: int) -> None:
+    """Writes weights with what is needed to rebuild the network, atomically (never a half-written file)."""
+    payload = {"state_dict": q_network.state_dict(), "env_id": args.env_id, "obs_dim": obs_dim,
+               "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes)}
+    tmp_path = path + ".tmp"
+    torch.save(payload, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_model(path: str, obs_dim: int, n_actions: int, device: torch.device) -> QNetwork:
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        shape = (payload["obs_dim"], payload["n_actions"])
+        q_network = QNetwork(payload["obs_dim"], payload["n_actions"], tuple(payload["hidden_sizes"]))
+        q_network.load_state_dict(payload["state_dict"])
+    except FileNotFoundError:
+        raise ConfigError(f"no saved model at {path}") from None
+    except Exception as error:  # unpickling, a missing key, mismatched tensors: all mean "not our model"
+        raise ConfigError(f"{path} is not a readable dqn.py model ({type(error).__name__})") from None
+    if shape != (obs_dim, n_actions):
+        raise ConfigError(f"{path} was trained on {payload['env_id']} (obs {shape[0]}, actions {shape[1]}); "
+                          f"this env has obs {obs_dim}, actions {n_actions}")
+    return q_network.to(device)
+
+
+# ---- Training ----------------------------------------------------------------------------------------------
+
+
+def make_run_dir(args: Args) -> str:
+    base = os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir, suffix = base, 1
+    while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
+        run_dir, suffix = f"{base}-{suffix}", suffix + 1
+    os.makedirs(run_dir)
+    return run_dir
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def train(args: Args) -> dict:
+    """Trains one agent; returns its final eval returns, training episode returns, run dir and replay."""
+    check_args(args)
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env_id)
+    obs_dim, n_actions = env.observation_space.shape[0], int(env.action_space.n)
+    evaluate = Evaluator(args.env_id, args.eval_episodes, args.eval_epsilon, args.seed + 10_000, device)
+
+    q_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
+    target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_network.requires_grad_(False)
+    target_sync = TargetSync(q_network, target_network, args.target_network_frequency)
+    # fused: one kernel for all parameters instead of ~6 small ops per tensor (about 20% of an update here)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
+    replay = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
+    action_rng = np.random.default_rng(args.seed)
+
+    run_dir = make_run_dir(args)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+    eval_file = open(os.path.join(run_dir, "eval.csv"), "w", newline="")
+    eval_csv = csv.writer(eval_file)
+    eval_csv.writerow(["step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
+
+    def run_evaluation(step: int) -> np.ndarray:
+        returns = evaluate(q_network)
+        writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
+                           f"{time.time() - start_time:.2f}"])
+        eval_file.flush()
+        return returns
+
+    episode_returns = []
+    recent_returns = deque(maxlen=100)
+    last_eval = float("nan")
+    episode_return, episode_length = 0.0, 0
+    obs, _ = env.reset(seed=args.seed)
+    start_time = time.time()
+    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    for global_step in range(1, args.total_timesteps + 1):
+        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
+        if action_rng.random() < epsilon:
+            action = int(action_rng.integers(n_actions))
+        else:
+            with torch.no_grad():
+                action = int(q_network(torch.as_tensor(obs, device=device)).argmax())
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        # At truncation next_obs is the real final observation (no autoreset here), so the bootstrap from
+        # it is correct; only `terminated` marks a state with no future.
+        replay.add(obs, action, reward, next_obs, terminated)
+        episode_return += reward
+        episode_length += 1
+        obs = next_obs
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            recent_returns.append(episode_return)
+            episode_returns.append(episode_return)
+            episode_return, episode_length = 0.0, 0
+            obs, _ = env.reset()
+
+        if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+            for _ in range(args.gradient_steps):
+                loss, q_mean = td_update(q_network, target_network, optimizer, replay.sample(args.batch_size),
+                                         args.gamma, args.max_grad_norm)
+            writer.add_scalar("losses/td_loss", loss.item(), global_step)
+            writer.add_scalar("losses/q_values", q_mean.item(), global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+        target_sync.step()
+
+        if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
+            last_eval = run_evaluation(global_step).mean()
+        if args.progress_every and global_step % args.progress_every == 0:
+            elapsed = time.time() - start_time
+            recent = np.mean(recent_returns) if recent_returns else float("nan")
+            print(f"step {global_step:>8}/{args.total_timesteps} | SPS {global_step / elapsed:6.0f} | "
+                  f"eps {epsilon:.3f} | return(100) {recent:8.2f} | eval {last_eval:8.2f} | "
+                  f"ETA {elapsed * (args.total_timesteps / global_step - 1):5.0f}s", flush=True)
+
+    final_returns = run_evaluation(args.total_timesteps)
+    print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
+          f"{final_returns.std():.2f} (wall {time.time() - start_time:.1f}s)", flush=True)
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+        save_model(model_path, q_network, args, obs_dim, n_actions)
+        print(f"model saved to {model_path}")
+    eval_file.close()
+    writer.close()
+    env.close()
+    return {"final_returns": final_returns, "episode_returns": episode_returns, "run_dir": run_dir,
+            "replay": replay}
+
+
+def evaluate_saved(args: Args) -> np.ndarray:
+    """Evaluates a model written by --save-model on args.env_id, without training."""
+    check_args(args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env_id)
+    q_network = load_model(args.eval_model, env.observation_space.shape[0], int(env.action_space.n), device)
+    returns = Evaluator(args.env_id, args.eval_episodes, args.eval_epsilon, args.seed + 10_000, device)(q_network)
+    print(f"{args.eval_model} on {args.env_id}: {returns.mean():.2f} ± {returns.std():.2f} "
+          f"over {len(returns)} episodes")
+    return returns
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    try:
+        evaluate_saved(args) if args.eval_model else train(args)
+    except ConfigError as error:
+        sys.exit(f"dqn.py: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""benchmark/run.py: the statistics it reports, the files it writes, and one tiny real multi-seed run."""
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmark"))
+import run as bench  # noqa: E402
+
+
+def test_mean_and_standard_error():
+    mean, se = bench.mean_and_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0
+    assert se == pytest.approx(math.sqrt(14 / 3) / 2)  # sample std (ddof=1) over sqrt(n)
+
+
+def fake_result(seed, finals):
+    curve = [{"step": str(1000 * (i + 1)), "eval_mean": str(v), "eval_std": "0", "episodes": "10",
+              "wall_seconds": str(i)} for i, v in enumerate(finals)]
+    return bench.RunResult("CartPole-v1", seed, wall_seconds=10.0 * seed, curve=curve)
+
+
+def test_env_outputs_count_solved_seeds_and_keep_failures(tmp_path):
+    results = [fake_result(1, [20, 480]), fake_result(2, [30, 470]), fake_result(3, [10, 500]),
+               bench.RunResult("CartPole-v1", 4, 5.0, [], error="exit 1")]
+    row = bench.write_env_outputs(tmp_path, "CartPole-v1", results, threshold=475)
+    assert (row["seeds"], row["failed"], row["solved"], row["steps"]) == (4, 1, 2, 2000)
+    assert row["mean"] == pytest.approx(1450 / 3)
+    assert row["median_wall"] == pytest.approx(15.0)
+    with open(tmp_path / "CartPole-v1_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [r["solved"] for r in runs] == ["1", "0", "1", ""] and runs[3]["error"] == "exit 1"
+    with open(tmp_path / "CartPole-v1.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6  # two evals of each successful seed
+    assert (tmp_path / "CartPole-v1.png").stat().st_size > 0
+    table = bench.format_table([row])
+    assert "| CartPole-v1 | 4 (1 failed) | 2000 | 483.33 ± 8.82 | 2/4 (>= 475) | 15.0 |" in table
+
+
+def test_two_seed_run_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "2",
+               "--workers", "2", "--out", str(out), "--", "--total-timesteps", "600", "--learning-starts", "200",
+               "--eval-every", "300", "--eval-episodes", "2", "--hidden-sizes", "16", "--no-cuda"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "| CartPole-v1 | 2 | 600 |" in finished.stdout
+    with open(out / "CartPole-v1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({(r["seed"], r["step"]) for r in rows}) == [("1", "300"), ("1", "600"), ("2", "300"), ("2", "600")]
+    summary = (out / "summary.md").read_text()
+    assert "command (from the repository root): `python benchmark/run.py --env-ids CartPole-v1" in summary
+    assert (out / "CartPole-v1.png").exists() and (out / "logs" / "CartPole-v1_seed2.log").exists()
+
+
+def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
+    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "1",
+               "--out", str(tmp_path), "--", "--total-timesteps", "-5"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert finished.returncode != 0
+    assert "1 run(s) failed" in finished.stderr
+    assert "total-timesteps must be positive" in (tmp_path / "logs" / "CartPole-v1_seed1.log").read_text()

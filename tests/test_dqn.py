@@ -1,0 +1,318 @@
+"""Unit tests for dqn.py's pieces, and a regression test for each bug the seed hit (named in each docstring)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dqn
+
+
+def small_args(tmp_path, **overrides) -> dqn.Args:
+    """A run of a few thousand CartPole steps: enough to exercise every branch of the loop in seconds."""
+    settings = dict(total_timesteps=3000, learning_starts=500, train_frequency=64, gradient_steps=8,
+                    buffer_size=2000, hidden_sizes=(32,), eval_every=1000, eval_episodes=3,
+                    progress_every=0, runs_dir=str(tmp_path / "runs"), cuda=False)
+    settings.update(overrides)
+    return dqn.Args(**settings)
+
+
+# ---- schedule ----
+
+
+def test_linear_schedule_runs_from_start_to_end_then_stays():
+    values = [dqn.linear_schedule(1.0, 0.05, 100, t) for t in range(0, 201)]
+    assert values[0] == 1.0
+    assert values[50] == pytest.approx(0.525)
+    assert values[100] == pytest.approx(0.05)
+    assert all(v == pytest.approx(0.05) for v in values[100:])
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ---- replay ----
+
+
+def filled_replay(capacity=8, obs_dim=3, count=5, seed=0):
+    replay = dqn.ReplayBuffer(capacity, obs_dim, torch.device("cpu"), seed)
+    for i in range(count):
+        replay.add(np.full(obs_dim, i, np.float64), i % 2, float(i), np.full(obs_dim, i + 1), i % 3 == 0)
+    return replay
+
+
+def test_replay_stores_transitions_and_wraps_around():
+    replay = filled_replay(capacity=4, count=6)
+    assert replay.size == 4 and replay.position == 2
+    # slots 0 and 1 were overwritten by transitions 4 and 5; slots 2 and 3 still hold 2 and 3
+    assert replay.observations[:, 0].tolist() == [4, 5, 2, 3]
+    assert replay.next_observations[:, 0].tolist() == [5, 6, 3, 4]
+    assert replay.actions.tolist() == [0, 1, 0, 1]
+    assert replay.rewards.tolist() == [4, 5, 2, 3]
+    assert replay.terminated.tolist() == [0, 0, 0, 1]
+
+
+def test_replay_samples_only_filled_slots_and_reaches_all_of_them():
+    replay = filled_replay(capacity=100, count=7)
+    obs, actions, rewards, next_obs, terminated = replay.sample(5000)
+    seen = set(obs[:, 0].tolist())
+    assert seen == set(range(7)), "sampling must cover the filled part [0, size) and nothing past it"
+    assert torch.equal(next_obs[:, 0], obs[:, 0] + 1)  # rows stay aligned across arrays
+    assert torch.equal(rewards, obs[:, 0])
+
+
+def test_replay_sampling_uses_randint_not_choice(monkeypatch):
+    """Seed bug: np.random.choice(size, batch, replace=False) permutes the whole buffer on every draw."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("replay sampling must not use choice")
+
+    class IntegersOnly:
+        def __init__(self, rng):
+            self.integers = rng.integers
+
+    replay = filled_replay(capacity=1000, count=1000)
+    monkeypatch.setattr(np.random, "choice", forbidden)
+    replay.rng = IntegersOnly(replay.rng)
+    batch = replay.sample(32)
+    assert batch[0].shape == (32, 3)
+
+
+def test_replay_is_float32_never_float64():
+    """Seed bug: a float64 replay took several times the memory of the data it held."""
+    replay = filled_replay(capacity=10, obs_dim=4)
+    assert replay.observations.dtype == np.float32 and replay.next_observations.dtype == np.float32
+    assert replay.rewards.dtype == np.float32 and replay.terminated.dtype == np.float32
+    obs, actions, rewards, next_obs, terminated = replay.sample(4)
+    assert {obs.dtype, rewards.dtype, next_obs.dtype, terminated.dtype} == {torch.float32}
+    assert actions.dtype == torch.int64
+    total = sum(a.nbytes for a in (replay.observations, replay.next_observations, replay.actions,
+                                   replay.rewards, replay.terminated))
+    assert total == 10 * (2 * 4 * 4 + 8 + 4 + 4)
+
+
+def test_replay_batch_is_not_built_from_a_list_of_arrays(monkeypatch):
+    """Seed bug: torch.tensor([array, array, ...]) per batch, a slow element-by-element conversion."""
+    original = torch.tensor
+
+    def tensor_without_lists(data, *args, **kwargs):
+        assert not isinstance(data, (list, tuple)), "batch built from a Python list"
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor_without_lists)
+    replay = filled_replay(capacity=64, count=64)
+    assert all(isinstance(part, torch.Tensor) for part in replay.sample(16))
+    assert replay.observations.flags.c_contiguous and replay.observations.shape == (64, 3)
+
+
+# ---- network, one-hot, environments ----
+
+
+def test_q_network_shapes():
+    network = dqn.QNetwork(6, 3, (32, 16))
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(6, 32), (32, 16), (16, 3)]
+    assert network(torch.zeros(5, 6)).shape == (5, 3)
+    assert network(torch.zeros(6)).shape == (3,)
+
+
+def test_discrete_observations_are_one_hot():
+    env = dqn.make_env("FrozenLake-v1")
+    assert env.observation_space.shape == (16,)
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.float32 and obs.sum() == 1.0 and obs[0] == 1.0  # FrozenLake starts in cell 0
+    for _ in range(50):
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        assert obs.sum() == 1.0 and set(np.unique(obs)) <= {0.0, 1.0}
+        if terminated or truncated:
+            obs, _ = env.reset()
+
+
+def test_box_observations_arrive_as_float32():
+    env = dqn.make_env("MountainCar-v0")
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.float32 and obs.shape == (2,)
+
+
+@pytest.mark.parametrize("env_id, message", [
+    ("NoSuchEnv-v0", "unknown env id"),
+    ("Pendulum-v1", "action space; DQN needs Discrete"),
+    ("Blackjack-v1", "observations are"),
+])
+def test_make_env_refuses_what_dqn_cannot_train(env_id, message):
+    with pytest.raises(dqn.ConfigError, match=message):
+        dqn.make_env(env_id)
+
+
+# ---- target network ----
+
+
+def test_target_sync_copies_every_n_steps():
+    """Seed bug: the sync counter was never incremented, so the target network never moved."""
+    online, target = nn.Linear(2, 2), nn.Linear(2, 2)
+    sync = dqn.TargetSync(online, target, every=5)
+    for step in range(1, 23):
+        with torch.no_grad():
+            online.weight.add_(1.0)  # the online network moves every step
+        sync.step()
+        in_sync = torch.equal(online.weight, target.weight)
+        assert in_sync == (step % 5 == 0), f"step {step}"
+    assert sync.syncs == 4
+
+
+# ---- the update ----
+
+
+def tabular_networks():
+    """Q(s) = W @ onehot(s): each Q-value is a weight, so targets and loss can be computed by hand."""
+    online, target = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # Q(s0) = [1, 3], Q(s1) = [2, 4]
+        target.weight.copy_(torch.tensor([[0.5, -1.0], [2.0, 10.0]]))  # max Q'(s0) = 2, max Q'(s1) = 10
+    return online, target
+
+
+S0, S1 = [1.0, 0.0], [0.0, 1.0]
+HAND_BATCH = (  # obs, action, reward, next_obs, terminated
+    torch.tensor([S0, S1, S0, S1]),
+    torch.tensor([0, 1, 1, 0]),
+    torch.tensor([1.0, 0.5, 2.5, 0.1]),
+    torch.tensor([S1, S0, S0, S0]),
+    torch.tensor([0.0, 1.0, 0.0, 0.0]),
+)
+
+
+def test_td_target_cuts_bootstrap_only_where_terminated():
+    """Seed bug: `done` written where `1 - done` belongs bootstraps from terminal states and not from others."""
+    _, target = tabular_networks()
+    _, _, rewards, next_obs, terminated = HAND_BATCH
+    targets = dqn.td_target(target, rewards, next_obs, terminated, gamma=0.9)
+    # row 0: 1 + 0.9 * max Q'(s1) = 10; row 1 terminated: just its reward; rows 2, 3: r + 0.9 * max Q'(s0)
+    assert targets.tolist() == pytest.approx([10.0, 0.5, 4.3, 1.9])
+
+
+def test_loss_matches_hand_computed_huber():
+    """Seed bug: a hand-written Huber loss off by a factor of 2."""
+    online, target = tabular_networks()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.0)
+    loss, q_mean = dqn.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=0.0)
+    # taken Q: [1, 4, 3, 2]; targets [10, 0.5, 4.3, 1.9]; errors -9, 3.5, -1.3, 0.1
+    # Huber (delta 1): |e| - 0.5 where |e| >= 1, else e^2 / 2 -> 8.5, 3.0, 0.8, 0.005
+    assert loss.item() == pytest.approx((8.5 + 3.0 + 0.8 + 0.005) / 4, rel=1e-6)
+    assert q_mean.item() == pytest.approx(2.5)
+
+
+def test_no_gradient_reaches_the_target_network():
+    """Seed bug: backprop through the target network moved the target with every update."""
+    online, target = tabular_networks()  # target left with requires_grad=True on purpose
+    before = target.weight.detach().clone()
+    optimizer = torch.optim.SGD(list(online.parameters()) + list(target.parameters()), lr=0.1)
+    dqn.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=10.0)
+    assert target.weight.grad is None
+    assert torch.equal(target.weight, before)
+    assert online.weight.grad is not None and not torch.equal(online.weight, tabular_networks()[0].weight)
+
+
+def test_gradient_norm_is_clipped():
+    online, target = tabular_networks()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.0)
+    dqn.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=0.01)
+    assert online.weight.grad.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_epsilon_greedy_extremes():
+    network = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        network.weight.copy_(torch.tensor([[0.0, 1.0], [5.0, 0.0], [1.0, 2.0]]))
+    obs = torch.tensor([S0, S1] * 50)
+    rng = np.random.default_rng(0)
+    greedy = dqn.epsilon_greedy(network, obs, 0.0, 3, rng)
+    assert greedy.tolist() == [1, 2] * 50
+    random_actions = dqn.epsilon_greedy(network, obs, 1.0, 3, rng)
+    assert set(random_actions.tolist()) == {0, 1, 2}
+
+
+# ---- the loop ----
+
+
+class CounterEnv(gym.Env):
+    """Observation = steps taken this episode. Odd episodes terminate at step 3; even ones run into the
+    time limit (5 steps, registered below), so both kinds of episode end reach the replay."""
+
+    observation_space = gym.spaces.Box(0, 100, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self):
+        self.episodes, self.t = 0, 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episodes += 1
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        terminated = self.episodes % 2 == 1 and self.t == 3
+        return np.array([self.t], np.float32), 1.0, terminated, False, {}
+
+
+@pytest.fixture
+def counter_env_id():
+    env_id = "DQNTestCounter-v0"
+    gym.register(id=env_id, entry_point=CounterEnv, max_episode_steps=5)
+    yield env_id
+    del gym.registry[env_id]
+
+
+def test_loop_stores_terminated_and_truncated_correctly(tmp_path, counter_env_id):
+    """terminated cuts the bootstrap; at a time limit the real final observation is stored, not the reset."""
+    result = dqn.train(small_args(tmp_path, env_id=counter_env_id, total_timesteps=40, learning_starts=1000,
+                                  eval_every=0, eval_episodes=1))
+    replay = result["replay"]
+    obs, next_obs, terminated = (replay.observations[:40, 0], replay.next_observations[:40, 0],
+                                 replay.terminated[:40])
+    assert np.array_equal(next_obs, obs + 1)  # never a reset observation in next_obs
+    ends = np.flatnonzero((next_obs == 3) & (terminated == 1))
+    truncations = np.flatnonzero(next_obs == 5)
+    assert len(ends) > 0 and len(truncations) > 0
+    assert not terminated[truncations].any(), "a time limit must not be stored as terminal"
+    assert set(next_obs[terminated == 1]) == {3.0}
+    assert result["episode_returns"][:4] == [3.0, 5.0, 3.0, 5.0]
+
+
+def test_same_seed_same_run(tmp_path):
+    first = dqn.train(small_args(tmp_path, seed=7))
+    second = dqn.train(small_args(tmp_path, seed=7))
+    other = dqn.train(small_args(tmp_path, seed=8))
+    assert first["episode_returns"] == second["episode_returns"]
+    assert np.array_equal(first["final_returns"], second["final_returns"])
+    assert first["episode_returns"] != other["episode_returns"]
+    assert first["run_dir"] != second["run_dir"], "a second run must not reuse the first run's directory"
+
+
+def test_run_writes_eval_curve_and_tensorboard_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = dqn.train(small_args(tmp_path))
+    rows = (tmp_path / "runs").glob("*/eval.csv")
+    lines = next(rows).read_text().splitlines()
+    assert lines[0] == "step,eval_mean,eval_std,episodes,wall_seconds"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [1000, 2000, 3000]
+    events = EventAccumulator(result["run_dir"]).Reload()
+    expected = {"charts/episodic_return", "charts/episodic_length", "charts/epsilon", "charts/SPS",
+                "losses/td_loss", "losses/q_values", "eval/episodic_return"}
+    assert expected <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to check device placement")
+def test_everything_runs_on_the_gpu_when_there_is_one(tmp_path):
+    """Seed bug: tensors left on the CPU while the network was on the GPU."""
+    result = dqn.train(small_args(tmp_path, cuda=True))
+    batch = result["replay"].sample(8)
+    assert all(part.device.type == "cuda" for part in batch)
+
+
+def test_cartpole_learns_quickly(tmp_path):
+    """Smoke test of learning: the defaults on a shortened budget, far above a random policy's ~22."""
+    result = dqn.train(dqn.Args(total_timesteps=20_000, eval_every=0, eval_episodes=20, progress_every=0,
+                                runs_dir=str(tmp_path / "runs"), cuda=False))
+    assert result["final_returns"].mean() >= 150
