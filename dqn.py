@@ -36,6 +36,8 @@ class Args:
     """total environment steps of training"""
     learning_rate: float = 2.3e-3
     """Adam's learning rate"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly to 0 over the run (steadies the final policy)"""
     buffer_size: int = 100_000
     """replay capacity in transitions"""
     gamma: float = 0.99
@@ -395,6 +397,8 @@ def train(args: Args) -> dict:
             obs, _ = env.reset()
 
         if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
             for _ in range(args.gradient_steps):
                 loss, q_mean = td_update(q_network, target_network, optimizer, replay.sample(args.batch_size),
                                          args.gamma, args.max_grad_norm)
