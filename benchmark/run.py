@@ -13,6 +13,7 @@ import csv
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+RUNNING = set()  # training processes now running; stopped with the runner, never left behind as orphans
+
+
+def stop_runs(signum, frame):
+    for process in list(RUNNING):
+        process.terminate()
+    sys.exit(f"stopped by signal {signum}: terminated {len(RUNNING)} running run(s)")
 
 
 @dataclass
@@ -47,11 +55,14 @@ def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_d
     pin = (lambda: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") else None
     start = time.perf_counter()
     with open(log_dir / f"{env_id}_seed{seed}.log", "w") as log:
-        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+        RUNNING.add(process)
+        returncode = process.wait()
+        RUNNING.discard(process)
     wall = time.perf_counter() - start
     eval_files = sorted(runs_dir.glob("*/eval.csv"))
-    if process.returncode != 0 or not eval_files:
-        return RunResult(env_id, seed, wall, [], f"exit {process.returncode}, see {log_dir}/{env_id}_seed{seed}.log")
+    if returncode != 0 or not eval_files:
+        return RunResult(env_id, seed, wall, [], f"exit {returncode}, see {log_dir}/{env_id}_seed{seed}.log")
     with open(eval_files[-1]) as f:
         return RunResult(env_id, seed, wall, list(csv.DictReader(f)))
 
@@ -163,6 +174,8 @@ def main(argv=None) -> None:
         parser.error("--seeds and --workers must be at least 1")
     import gymnasium as gym
 
+    signal.signal(signal.SIGTERM, stop_runs)
+    signal.signal(signal.SIGINT, stop_runs)
     out = Path(args.out)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

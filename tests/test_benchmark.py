@@ -2,8 +2,10 @@
 
 import csv
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,33 @@ def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
     assert finished.returncode != 0
     assert "1 run(s) failed" in finished.stderr
     assert "total-timesteps must be positive" in (tmp_path / "logs" / "CartPole-v1_seed1.log").read_text()
+
+
+def test_stopping_the_runner_stops_its_runs(tmp_path):
+    marker = f"orphan-check-{tmp_path.name}"  # appears in the child's command line, so /proc can find it
+    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "1",
+               "--out", str(tmp_path), "--", "--total-timesteps", "10000000", "--exp-name", marker, "--no-cuda"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def children():
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in text and "dqn.py" in text:
+                found.append(text)
+        return found
+
+    deadline = time.monotonic() + 60
+    while not children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert children(), "the run never started"
+    runner.send_signal(signal.SIGTERM)
+    _, stderr = runner.communicate(timeout=60)
+    assert runner.returncode != 0 and "terminated 1 running run(s)" in stderr
+    deadline = time.monotonic() + 10
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not children(), "the training process outlived its runner"
