@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,12 +26,18 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-RUNNING = set()  # training processes now running; stopped with the runner, never left behind as orphans
+# Training processes now running: stopped with the runner, never left behind as orphans. Launches and the
+# stop take LAUNCH_LOCK, so no run can start after a stop (queued jobs would otherwise still run).
+RUNNING = set()
+STOPPED = threading.Event()
+LAUNCH_LOCK = threading.Lock()
 
 
 def stop_runs(signum, frame):
-    for process in list(RUNNING):
-        process.terminate()
+    with LAUNCH_LOCK:
+        STOPPED.set()
+        for process in RUNNING:
+            process.terminate()
     sys.exit(f"stopped by signal {signum}: terminated {len(RUNNING)} running run(s)")
 
 
@@ -54,11 +61,15 @@ def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_d
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pin = (lambda: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") else None
     start = time.perf_counter()
-    with open(log_dir / f"{env_id}_seed{seed}.log", "w") as log:
+    with LAUNCH_LOCK:
+        if STOPPED.is_set():
+            return RunResult(env_id, seed, 0.0, [], "not started: the runner was stopped")
+        log = open(log_dir / f"{env_id}_seed{seed}.log", "w")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
         RUNNING.add(process)
+    with log:
         returncode = process.wait()
-        RUNNING.discard(process)
+    RUNNING.discard(process)
     wall = time.perf_counter() - start
     eval_files = sorted(runs_dir.glob("*/eval.csv"))
     if returncode != 0 or not eval_files:

@@ -71,8 +71,10 @@ def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
 
 def test_stopping_the_runner_stops_its_runs(tmp_path):
     marker = f"orphan-check-{tmp_path.name}"  # appears in the child's command line, so /proc can find it
-    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "1",
-               "--out", str(tmp_path), "--", "--total-timesteps", "10000000", "--exp-name", marker, "--no-cuda"]
+    # two seeds on one worker: the second is still queued when the signal comes, and must never start
+    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "2",
+               "--workers", "1", "--out", str(tmp_path), "--", "--total-timesteps", "10000000",
+               "--exp-name", marker, "--no-cuda"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def children():
@@ -96,4 +98,5 @@ def test_stopping_the_runner_stops_its_runs(tmp_path):
     deadline = time.monotonic() + 10
     while children() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not children(), "the training process outlived its runner"
+    assert not children(), "a training process outlived its runner"
+    assert not (tmp_path / "logs" / "CartPole-v1_seed2.log").exists(), "a queued run started after the stop"
