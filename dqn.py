@@ -58,6 +58,10 @@ class Args:
     """env steps between training phases"""
     gradient_steps: int = 128
     """gradient steps in each training phase"""
+    reward_scale: float = 1.0
+    """multiply rewards by this before they reach the replay; returns are logged unscaled. With
+    1/(1-gamma)-sized Q-values (CartPole: 100) the rare failure transitions have TD errors far beyond
+    Huber's quadratic zone, so their gradient is capped and the many balanced states drown them out"""
     max_grad_norm: float = 10.0
     """clip the gradient's global L2 norm to this (0 disables)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
@@ -99,6 +103,8 @@ def check_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 < args.exploration_fraction <= 1.0:
         raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if args.reward_scale <= 0:
+        raise ConfigError(f"--reward-scale must be positive, got {args.reward_scale}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise ConfigError(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
 
@@ -387,7 +393,7 @@ def train(args: Args) -> dict:
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # At truncation next_obs is the real final observation (no autoreset here), so the bootstrap from
         # it is correct; only `terminated` marks a state with no future.
-        replay.add(obs, action, reward, next_obs, terminated)
+        replay.add(obs, action, reward * args.reward_scale, next_obs, terminated)
         episode_return += reward
         episode_length += 1
         obs = next_obs

@@ -31,6 +31,7 @@ def assert_one_line_error(finished, fragment):
     (["--total-timesteps", "0"], "--total-timesteps must be positive, got 0"),
     (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
     (["--hidden-sizes", "0"], "--hidden-sizes must be one or more positive widths"),
+    (["--reward-scale", "0"], "--reward-scale must be positive, got 0.0"),
     (["--eval-model", "missing.pt"], "no saved model at missing.pt"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):

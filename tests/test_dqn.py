@@ -279,6 +279,13 @@ def test_loop_stores_terminated_and_truncated_correctly(tmp_path, counter_env_id
     assert result["episode_returns"][:4] == [3.0, 5.0, 3.0, 5.0]
 
 
+def test_reward_scale_reaches_the_replay_but_not_the_reported_returns(tmp_path, counter_env_id):
+    result = dqn.train(small_args(tmp_path, env_id=counter_env_id, total_timesteps=20, learning_starts=1000,
+                                  eval_every=0, eval_episodes=1, reward_scale=0.25))
+    assert set(result["replay"].rewards[:20]) == {0.25}
+    assert result["episode_returns"][:2] == [3.0, 5.0]
+
+
 def test_same_seed_same_run(tmp_path):
     first = dqn.train(small_args(tmp_path, seed=7))
     second = dqn.train(small_args(tmp_path, seed=7))
