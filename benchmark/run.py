@@ -142,13 +142,14 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def git_commit() -> str:
+def git_commit(code: list) -> str:
+    """HEAD, flagged when the files that produced the result (script, runner) differ from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *map(str, code)], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
+        return commit + (f" (with uncommitted changes to {', '.join(map(os.path.basename, code))})" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -213,7 +214,7 @@ def main(argv=None) -> None:
     command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
     (out / "summary.md").write_text(
         f"# {', '.join(args.env_ids)}: {args.seeds} seeds\n\n{table}\n\n"
-        f"- command (from the repository root): `{command}`\n- commit: {git_commit()}\n"
+        f"- command (from the repository root): `{command}`\n- commit: {git_commit([script, Path(__file__)])}\n"
         f"- machine: {machine_description()}\n- workers: {args.workers}, one torch thread each, pinned to a core\n"
         f"- total wall: {time.perf_counter() - started:.0f} s\n")
     if any(r.error for r in results):
