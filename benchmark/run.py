@@ -147,9 +147,10 @@ def git_commit(code: list) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *map(str, code)], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + (f" (with uncommitted changes to {', '.join(map(os.path.basename, code))})" if dirty else "")
+        status = subprocess.run(["git", "status", "--porcelain", "--", *map(str, code)], cwd=REPO,
+                                capture_output=True, text=True).stdout
+        dirty = [line[3:] for line in status.splitlines()]
+        return commit + (f" (with uncommitted changes to {', '.join(dirty)})" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
