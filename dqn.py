@@ -59,10 +59,10 @@ class Args:
     gradient_steps: int = 128
     """gradient steps in each training phase"""
     reward_scale: float = 0.01
-    """multiply rewards by this before they reach the replay (returns are logged unscaled). 0.01 = 1 - gamma
-    keeps CartPole's Q-values in [0, 1]. With
-    1/(1-gamma)-sized Q-values (CartPole: 100) the rare failure transitions have TD errors far beyond
-    Huber's quadratic zone, so their gradient is capped and the many balanced states drown them out"""
+    """multiply rewards by this before they reach the replay (returns are logged unscaled). Unscaled,
+    CartPole's Q-values near 1/(1 - gamma) = 100 put the rare failing transitions far outside Huber's
+    quadratic zone, where their gradient is capped and the many balanced states drown them out; 0.01 keeps
+    Q in [0, 1] (README: why CartPole's defaults look the way they do)"""
     max_grad_norm: float = 10.0
     """clip the gradient's global L2 norm to this (0 disables)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
@@ -138,10 +138,12 @@ def make_env(env_id: str) -> gym.Env:
         raise ConfigError(f"{env_id} has a {type(env.action_space).__name__} action space; DQN needs Discrete")
     if isinstance(env.observation_space, gym.spaces.Discrete):
         return OneHotObservation(env)
-    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+    if not isinstance(env.observation_space, gym.spaces.Box):
         env.close()
         raise ConfigError(f"{env_id} observations are {env.observation_space}; dqn.py takes a Discrete "
-                          "or a 1-D Box observation space (images: dqn_atari.py)")
+                          "or a Box observation space")
+    if len(env.observation_space.shape) != 1:
+        env = gym.wrappers.FlattenObservation(env)  # the MLP takes a vector
     # float32 at the source: a float64 observation would otherwise reach the replay and the network.
     return gym.wrappers.DtypeObservation(env, np.float32)
 
@@ -206,6 +208,8 @@ class QNetwork(nn.Module):
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
     """Epsilon at env step t: falls linearly from start_e to end_e over `duration` steps, then stays."""
+    if duration <= 0:  # a run too short to have an annealing window
+        return end_e
     return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
 
 

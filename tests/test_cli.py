@@ -27,7 +27,7 @@ def assert_one_line_error(finished, fragment):
 @pytest.mark.parametrize("args, fragment", [
     (["--env-id", "NoSuchEnv-v0"], "unknown env id 'NoSuchEnv-v0'"),
     (["--env-id", "Pendulum-v1"], "DQN needs Discrete"),
-    (["--env-id", "Blackjack-v1"], "dqn.py takes a Discrete or a 1-D Box observation space"),
+    (["--env-id", "Blackjack-v1"], "dqn.py takes a Discrete or a Box observation space"),
     (["--total-timesteps", "0"], "--total-timesteps must be positive, got 0"),
     (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
     (["--hidden-sizes", "0"], "--hidden-sizes must be one or more positive widths"),

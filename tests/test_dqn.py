@@ -21,6 +21,10 @@ def small_args(tmp_path, **overrides) -> dqn.Args:
 # ---- schedule ----
 
 
+def test_linear_schedule_with_no_annealing_window_is_at_the_end_value():
+    assert dqn.linear_schedule(1.0, 0.05, 0, 0) == 0.05  # a run shorter than its exploration window
+
+
 def test_linear_schedule_runs_from_start_to_end_then_stays():
     values = [dqn.linear_schedule(1.0, 0.05, 100, t) for t in range(0, 201)]
     assert values[0] == 1.0
@@ -124,6 +128,31 @@ def test_discrete_observations_are_one_hot():
         assert obs.sum() == 1.0 and set(np.unique(obs)) <= {0.0, 1.0}
         if terminated or truncated:
             obs, _ = env.reset()
+
+
+class GridEnv(gym.Env):
+    """A 2x3 Box observation: dqn.py must flatten it, not refuse it."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2, 3), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.arange(6, dtype=np.float64).reshape(2, 3) / 10, {}
+
+    def step(self, action):
+        return np.ones((2, 3)), 1.0, True, False, {}
+
+
+def test_multidimensional_box_observations_are_flattened():
+    gym.register(id="DQNTestGrid-v0", entry_point=GridEnv)
+    try:
+        env = dqn.make_env("DQNTestGrid-v0")
+        obs, _ = env.reset(seed=0)
+    finally:
+        del gym.registry["DQNTestGrid-v0"]
+    assert env.observation_space.shape == (6,)
+    assert obs.dtype == np.float32 and obs.tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
 
 
 def test_box_observations_arrive_as_float32():
