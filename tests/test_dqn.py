@@ -131,9 +131,9 @@ def test_discrete_observations_are_one_hot():
 
 
 class GridEnv(gym.Env):
-    """A 2x3 Box observation: dqn.py must flatten it, not refuse it."""
+    """A 2x3 float64 Box observation: dqn.py must flatten it (not refuse it) and cast it to float32."""
 
-    observation_space = gym.spaces.Box(0.0, 1.0, (2, 3), np.float32)
+    observation_space = gym.spaces.Box(0.0, 1.0, (2, 3), np.float64)
     action_space = gym.spaces.Discrete(2)
 
     def reset(self, seed=None, options=None):
@@ -144,6 +144,7 @@ class GridEnv(gym.Env):
         return np.ones((2, 3)), 1.0, True, False, {}
 
 
+@pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32:UserWarning")  # the cast is the point
 def test_multidimensional_box_observations_are_flattened():
     gym.register(id="DQNTestGrid-v0", entry_point=GridEnv)
     try:
