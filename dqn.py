@@ -34,7 +34,7 @@ class Args:
     """a gymnasium env with a Discrete action space and a Box or Discrete observation space"""
     total_timesteps: int = 60_000
     """total environment steps of training"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     """Adam's learning rate"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over the run (steadies the final policy)"""
