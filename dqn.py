@@ -1,7 +1,7 @@
 """DQN (Mnih et al. 2015) for classic-control gymnasium environments, in one file.
 
 Read top to bottom: the arguments, the pieces (environment, replay, network, schedule, update, evaluation),
-then the training loop in `train()`. `python dqn.py` solves CartPole-v1; see README.md for other envs.
+then the training loop in `train()`. `python dqn.py` trains CartPole-v1; see README.md for other envs.
 """
 
 import csv
