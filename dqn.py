@@ -317,10 +317,11 @@ def load_model(path: str, obs_dim: int, n_actions: int, device: torch.device) ->
     except FileNotFoundError:
         raise ConfigError(f"no saved model at {path}") from None
     except Exception as error:  # unpickling, a missing key, mismatched tensors: all mean "not our model"
-        raise ConfigError(f"{path} is not a readable dqn.py model ({type(error).__name__})") from None
+        raise ConfigError(f"{path} is not a readable dqn.py model ({type(error).__name__}); give a file that "
+                          "dqn.py --save-model wrote") from None
     if shape != (obs_dim, n_actions):
         raise ConfigError(f"{path} was trained on {payload['env_id']} (obs {shape[0]}, actions {shape[1]}); "
-                          f"this env has obs {obs_dim}, actions {n_actions}")
+                          f"this env has obs {obs_dim}, actions {n_actions}: pass --env-id {payload['env_id']}")
     return q_network.to(device)
 
 

@@ -50,11 +50,14 @@ def test_saved_model_evaluates_again_and_refuses_the_wrong_env_or_a_corrupt_file
     assert "on CartPole-v1:" in again.stdout and "over 3 episodes" in again.stdout
 
     mismatch = run_dqn("--eval-model", str(model), "--env-id", "Acrobot-v1", cwd=tmp_path)
-    assert_one_line_error(mismatch, "was trained on CartPole-v1 (obs 4, actions 2); this env has obs 6, actions 3")
+    assert_one_line_error(mismatch, "was trained on CartPole-v1 (obs 4, actions 2); this env has obs 6, actions 3: "
+                                    "pass --env-id CartPole-v1")
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(model.read_bytes()[:100])
-    assert_one_line_error(run_dqn("--eval-model", str(corrupt), cwd=tmp_path), "is not a readable dqn.py model")
+    refused = run_dqn("--eval-model", str(corrupt), cwd=tmp_path)
+    assert_one_line_error(refused, "is not a readable dqn.py model")
+    assert "give a file that dqn.py --save-model wrote" in refused.stderr
     assert model.stat().st_size > 100, "evaluating must never touch the saved file"
 
 
