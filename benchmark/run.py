@@ -36,9 +36,10 @@ LAUNCH_LOCK = threading.Lock()
 def stop_runs(signum, frame):
     with LAUNCH_LOCK:
         STOPPED.set()
-        for process in RUNNING:
-            process.terminate()
-    sys.exit(f"stopped by signal {signum}: terminated {len(RUNNING)} running run(s)")
+        running = list(RUNNING)
+    for process in running:
+        process.terminate()
+    sys.exit(f"stopped by signal {signum}: terminated {len(running)} running run(s)")
 
 
 @dataclass
@@ -69,7 +70,8 @@ def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_d
         RUNNING.add(process)
     with log:
         returncode = process.wait()
-    RUNNING.discard(process)
+    with LAUNCH_LOCK:  # the stop handler reads RUNNING under the lock; never change it beneath that read
+        RUNNING.discard(process)
     wall = time.perf_counter() - start
     eval_files = sorted(runs_dir.glob("*/eval.csv"))
     if returncode != 0 or not eval_files:
