@@ -92,7 +92,7 @@ class ConfigError(Exception):
 
 def check_args(args: Args) -> None:
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "gradient_steps",
-                "target_network_frequency", "eval_episodes"]
+                "target_network_frequency", "eval_episodes", "reward_scale"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -104,8 +104,6 @@ def check_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 < args.exploration_fraction <= 1.0:
         raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
-    if args.reward_scale <= 0:
-        raise ConfigError(f"--reward-scale must be positive, got {args.reward_scale}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise ConfigError(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
 

@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmark"))
 import run as bench  # noqa: E402
 
+RUNNER = [sys.executable, str(REPO / "benchmark" / "run.py")]
+
 
 def test_mean_and_standard_error():
     mean, se = bench.mean_and_se([1.0, 2.0, 3.0, 6.0])
@@ -46,7 +48,7 @@ def test_env_outputs_count_solved_seeds_and_keep_failures(tmp_path):
 
 def test_two_seed_run_end_to_end(tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "2",
+    command = [*RUNNER, "--env-ids", "CartPole-v1", "--seeds", "2",
                "--workers", "2", "--out", str(out), "--", "--total-timesteps", "600", "--learning-starts", "200",
                "--eval-every", "300", "--eval-episodes", "2", "--hidden-sizes", "16", "--no-cuda"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -61,7 +63,7 @@ def test_two_seed_run_end_to_end(tmp_path):
 
 
 def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
-    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "1",
+    command = [*RUNNER, "--env-ids", "CartPole-v1", "--seeds", "1",
                "--out", str(tmp_path), "--", "--total-timesteps", "-5"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert finished.returncode != 0
@@ -72,7 +74,7 @@ def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
 def test_stopping_the_runner_stops_its_runs(tmp_path):
     marker = f"orphan-check-{tmp_path.name}"  # appears in the child's command line, so /proc can find it
     # two seeds on one worker: the second is still queued when the signal comes, and must never start
-    command = [sys.executable, str(REPO / "benchmark" / "run.py"), "--env-ids", "CartPole-v1", "--seeds", "2",
+    command = [*RUNNER, "--env-ids", "CartPole-v1", "--seeds", "2",
                "--workers", "1", "--out", str(tmp_path), "--", "--total-timesteps", "10000000",
                "--exp-name", marker, "--no-cuda"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
