@@ -1,27 +1,15 @@
 """dqn.py as users run it: bad input gets one line and a non-zero exit; a saved model evaluates again."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from script_runner import assert_one_line_error, run_script
+
 TINY = ["--total-timesteps", "400", "--learning-starts", "100", "--train-frequency", "50", "--gradient-steps", "2",
         "--hidden-sizes", "16", "--eval-every", "0", "--eval-episodes", "2", "--no-cuda"]
 
 
 def run_dqn(*args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "dqn.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=180)
-
-
-def assert_one_line_error(finished, fragment):
-    assert finished.returncode != 0
-    assert "Traceback" not in finished.stderr
-    lines = finished.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dqn.py: error:"), finished.stderr
-    assert fragment in lines[0]
+    return run_script("dqn.py", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("args, fragment", [

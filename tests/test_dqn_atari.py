@@ -1,0 +1,389 @@
+"""dqn_atari.py's Atari pieces (the game wrappers, device-side preprocessing, the frame replay, checkpoints),
+the loop, and the command line. Seed bugs are named in the docstrings of the tests that catch them; the
+learner pieces shared with dqn.py are tested in test_learner.py."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dqn_atari as atari
+from script_runner import REPO, assert_one_line_error, run_script
+
+CPU = torch.device("cpu")
+NOOP = 0
+
+
+def small_args(tmp_path, **overrides) -> atari.Args:
+    """A few hundred Breakout steps with a tiny replay: every branch of the loop in seconds."""
+    settings = dict(env_id="BreakoutNoFrameskip-v4", total_timesteps=300, learning_starts=100, buffer_size=600,
+                    target_network_frequency=50, eval_every=0, eval_episodes=1, progress_every=0,
+                    runs_dir=str(tmp_path / "runs"), cuda=False)
+    settings.update(overrides)
+    return atari.Args(**settings)
+
+
+# ---- the game and its wrappers ----
+
+
+@pytest.mark.parametrize("env_id", ["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"])
+def test_preprocessing_matches_gymnasium_atari_preprocessing(env_id):
+    """Same emulator states, same actions: our torch max + area resize against gymnasium's AtariPreprocessing
+    (OpenCV's INTER_AREA). Tolerance: 1 gray level on at most 0.1% of pixels, since the same averages
+    computed in float32 matmuls instead of OpenCV's arithmetic may round a .5 the other way."""
+    reference = gym.wrappers.AtariPreprocessing(gym.make(env_id), noop_max=0, frame_skip=4, screen_size=84)
+    reference.reset(seed=3)
+    game = atari.AtariGame(env_id, seed=3, noop_max=0)
+    preprocess = atari.FramePreprocessor(game.raw.shape[1:], CPU)
+    ours = [preprocess(game.reset())]
+    theirs = [reference.step(game.fire_action)[0]]  # our reset serves with FIRE; the reference is told to
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        action = int(rng.integers(game.n_actions))
+        frame, reward, terminated, truncated, _ = reference.step(action)
+        raw, our_reward, _, _, game_over = game.step(action)
+        assert our_reward == reward
+        if terminated or truncated or game_over:
+            break
+        ours.append(preprocess(raw))
+        theirs.append(frame)
+    difference = np.abs(torch.stack(ours).numpy().astype(int) - np.stack(theirs).astype(int))
+    assert len(difference) > 100
+    assert difference.max() <= 1 and (difference > 0).mean() <= 1e-3
+
+
+def test_area_weights_average_each_output_cell():
+    weights = atari.area_weights(210, 84)
+    assert weights.shape == (84, 210)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(84))
+    assert torch.allclose(weights.sum(dim=0), torch.full((210,), 84 / 210))  # every pixel counts equally
+
+
+def test_a_lost_life_ends_the_training_episode_but_not_the_game():
+    """Seed bug: training on whole games; a lost life must end the episode, and reset() continue the game."""
+    game = atari.AtariGame("BreakoutNoFrameskip-v4", seed=0)
+    game.reset()
+    assert game.lives == 5
+    for step in range(1, 500):
+        _, _, terminated, truncated, game_over = game.step(NOOP)
+        if terminated:
+            break
+    assert terminated and not game_over and not truncated
+    frames_played = game.ale.getEpisodeFrameNumber()
+    game.reset()
+    assert game.lives == 4
+    assert game.ale.getEpisodeFrameNumber() > frames_played, "reset() after a lost life restarted the game"
+
+
+def test_breakout_is_served_after_reset_and_after_each_lost_life():
+    """Seed bug: Breakout idling without FIRE. Standing still, a served ball is missed and lives are lost;
+    with the serve removed, no ball ever comes and the game idles to the end of the test."""
+    def lives_lost_standing_still(game):
+        game.reset()
+        start = game.lives
+        for _ in range(400):
+            _, _, terminated, _, game_over = game.step(NOOP)
+            if game_over:
+                break
+            if terminated:
+                game.reset()
+        return start - game.ale.lives()
+
+    assert lives_lost_standing_still(atari.AtariGame("BreakoutNoFrameskip-v4", seed=0)) >= 3
+    idle = atari.AtariGame("BreakoutNoFrameskip-v4", seed=0)
+    idle.fire_action = None
+    assert lives_lost_standing_still(idle) == 0
+    assert atari.AtariGame("FreewayNoFrameskip-v4", seed=0).fire_action is None  # no FIRE, no serve
+
+
+def test_evaluation_games_play_through_lost_lives_with_full_unclipped_returns():
+    game = atari.AtariGame("SpaceInvadersNoFrameskip-v4", seed=1, end_on_life_loss=False)
+    game.reset()
+    rewards, rng = [], np.random.default_rng(1)
+    for _ in range(5000):
+        _, reward, terminated, truncated, game_over = game.step(int(rng.integers(game.n_actions)))
+        rewards.append(reward)
+        assert terminated == game_over, "an evaluation game ends only when the game does"
+        if game_over:
+            break
+    assert game_over and game.ale.lives() == 0
+    assert max(rewards) > 1, "Space Invaders pays 5 to 30 per invader: rewards must arrive unclipped"
+    assert game.game_return == sum(rewards) and game.game_length == len(rewards)
+
+
+def test_no_op_starts_vary_with_the_seed_and_stay_within_noop_max():
+    starts = set()
+    for seed in range(8):
+        game = atari.AtariGame("PongNoFrameskip-v4", seed=seed, noop_max=30)
+        game.fire_action = None  # count the no-ops alone
+        game.reset()
+        starts.add(game.ale.getEpisodeFrameNumber())
+    assert len(starts) > 3 and min(starts) >= 1 and max(starts) <= 30
+
+
+@pytest.mark.parametrize("env_id, message", [
+    ("NoSuchGame-v4", "unknown env id"),
+    ("CartPole-v1", "is not an Atari game"),
+])
+def test_make_ale_env_refuses_what_is_not_an_atari_game(env_id, message):
+    with pytest.raises(atari.ConfigError, match=message):
+        atari.make_ale_env(env_id, None)
+
+
+def test_sticky_actions_follow_the_env_default_unless_given():
+    def sticky(env_id, given):
+        return atari.make_ale_env(env_id, given).unwrapped.ale.getFloat("repeat_action_probability")
+    assert sticky("PongNoFrameskip-v4", None) == 0.0
+    assert sticky("ALE/Pong-v5", None) == pytest.approx(0.25)
+    assert sticky("ALE/Pong-v5", 0.0) == 0.0
+
+
+# ---- the frame replay ----
+
+
+def frame_with_id(frame_id: int) -> torch.Tensor:
+    frame = torch.zeros(atari.FRAME_SIZE, atari.FRAME_SIZE, dtype=torch.uint8)
+    frame[0, 0], frame[0, 1] = frame_id // 256, frame_id % 256
+    return frame
+
+
+def frame_ids(stacks: torch.Tensor) -> np.ndarray:
+    return (stacks[..., 0, 0].long() * 256 + stacks[..., 0, 1].long()).numpy()
+
+
+def test_frame_replay_matches_a_naive_replay_of_full_stacks():
+    """Random episodes of random lengths, ending terminated or truncated, through many wrap-arounds. Naive:
+    every transition with its full (s, a, r, s', terminated) stacks, as FrameStack built them. Every slot the
+    replay calls valid must give exactly the naive transition, and every transition whose frames are all
+    still in the ring (s' included) must be valid."""
+    capacity = 37
+    replay = atari.FrameReplay(capacity, CPU, seed=0)
+    rng = np.random.default_rng(0)
+    naive, slot_of = [], {}
+    frames_written = 0
+    for episode in range(120):
+        stack = [frames_written] * atari.STACK  # frame ids are their global write numbers
+        length, terminated_end = int(rng.integers(1, 12)), bool(rng.integers(2))
+        for t in range(length):
+            action, reward = int(rng.integers(6)), float(rng.choice([-1.0, 0.0, 1.0]))
+            end = t == length - 1
+            terminated = end and terminated_end
+            next_stack = stack[1:] + [frames_written + 1]
+            slot = replay.add(frame_with_id(stack[-1]), action, reward, terminated, end, frame_with_id(next_stack[-1]))
+            frames_written += 2 if end else 1
+            naive.append((stack, action, reward, next_stack, terminated))
+            slot_of[slot] = len(naive) - 1
+            stack = next_stack
+        if episode % 10 == 9:
+            all_slots = np.arange(replay.size)
+            valid = set(all_slots[replay.valid(all_slots)].tolist())
+            intact = {slot for slot, t in slot_of.items()
+                      if min(naive[t][0]) >= frames_written - capacity and naive[t][3][-1] < frames_written}
+            assert valid == intact
+            idx = np.array(sorted(valid))
+            obs, actions, rewards, next_obs, terminated = replay.sample(len(idx), idx=idx)
+            expected = [naive[slot_of[i]] for i in idx]
+            assert frame_ids(obs).tolist() == [e[0] for e in expected]
+            assert frame_ids(next_obs).tolist() == [e[3] for e in expected]
+            assert actions.tolist() == [e[1] for e in expected]
+            assert rewards.tolist() == [e[2] for e in expected]
+            assert terminated.tolist() == [float(e[4]) for e in expected]
+    sampled = replay.sample_indices(5000)
+    assert replay.valid(sampled).all() and set(sampled.tolist()) == valid, "randint reaches every valid slot"
+
+
+def test_frame_replay_samples_with_randint_not_choice(monkeypatch):
+    """Seed bug: np.random.choice(size, batch, replace=False) permutes the whole buffer on every draw."""
+    replay = atari.FrameReplay(64, CPU, seed=0)
+    for t in range(64):
+        replay.add(frame_with_id(t), 0, 0.0, False, t % 16 == 15, frame_with_id(t + 1))
+    monkeypatch.setattr(np.random, "choice", lambda *a, **k: pytest.fail("replay sampling must not use choice"))
+    replay.rng = type("IntegersOnly", (), {"integers": replay.rng.integers})()
+    assert replay.sample(32)[0].shape == (32, atari.STACK, atari.FRAME_SIZE, atari.FRAME_SIZE)
+
+
+def test_frame_replay_stores_uint8_frames_once_and_1m_fits_in_7_1_gb():
+    """Seed bug: a float64 replay (8x the bytes of uint8 frames, and stacks stored twice over)."""
+    replay = atari.FrameReplay(1000, CPU, seed=0)
+    assert replay.frames.dtype == torch.uint8 and replay.frames.shape == (1000, 84, 84)
+    assert replay.rewards.dtype == np.float32
+    assert replay.nbytes / 1000 * 1_000_000 <= 7.1e9
+    replay.add(frame_with_id(1), 2, 1.0, False, False, frame_with_id(2))
+    replay.add(frame_with_id(2), 0, 0.0, True, True, frame_with_id(3))
+    obs, actions, rewards, next_obs, terminated = replay.sample(4)
+    assert obs.dtype == next_obs.dtype == torch.uint8
+    assert {rewards.dtype, terminated.dtype} == {torch.float32} and actions.dtype == torch.int64
+
+
+def test_frame_replay_refuses_a_buffer_larger_than_available_memory(monkeypatch):
+    monkeypatch.setattr(atari, "available_memory_bytes", lambda: 2_000_000_000)
+    with pytest.raises(atari.ConfigError, match=r"1,000,000 frames needs 7\.07 GB but only 2\.00 GB is available"):
+        atari.FrameReplay(1_000_000, CPU, seed=0)
+
+
+# ---- network and optimizer ----
+
+
+def test_nature_network_shapes_and_uint8_input():
+    network = atari.QNetwork(n_actions=6)
+    frames = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    assert network(frames).shape == (5, 6)
+    assert network.network[7].in_features == 3136  # 64 x 7 x 7 after the three convolutions
+    assert torch.allclose(network(frames), network.network(frames.float() / 255))
+
+
+def test_deepmind_rmsprop_takes_the_step_their_code_defines():
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = atari.DeepMindRMSprop([weight], lr=0.1, grad_scale=2.0)
+    gradients = [torch.tensor([0.5, -1.0]), torch.tensor([0.2, 0.3])]
+    w, g, g2 = np.array([1.0, -2.0]), np.zeros(2), np.zeros(2)
+    for grad in gradients:
+        weight.grad = grad.clone()
+        optimizer.step()
+        dw = 2.0 * grad.numpy()
+        g, g2 = 0.95 * g + 0.05 * dw, 0.95 * g2 + 0.05 * dw ** 2
+        w = w - 0.1 * dw / np.sqrt(g2 - g ** 2 + 0.01)
+    assert weight.detach().numpy() == pytest.approx(w, rel=1e-6)
+
+
+# ---- the loop, evaluation and checkpoints ----
+
+
+def test_loop_clips_rewards_stores_truncation_and_logs_whole_games(tmp_path, monkeypatch):
+    """Games capped at 400 frames (100 steps) truncate: the final frame gets its own slot, the transition into
+    it is not terminal, and a whole game is logged once, however many lives it lost."""
+    monkeypatch.setattr(atari, "MAX_GAME_FRAMES", 400)
+    result = atari.train(small_args(tmp_path, env_id="PongNoFrameskip-v4", total_timesteps=350,
+                                    learning_starts=1000))
+    replay = result["replay"]
+    finals = np.flatnonzero(~replay.starts_transition[:replay.size])
+    assert len(finals) == 3 and len(result["game_returns"]) == 3
+    assert not replay.terminated[finals - 1].any(), "a time limit must not be stored as terminal"
+    assert set(np.unique(replay.rewards[:replay.size])) <= {-1.0, 0.0, 1.0}
+
+
+def test_loop_ends_training_episodes_at_lost_lives(tmp_path):
+    result = atari.train(small_args(tmp_path, total_timesteps=250, learning_starts=1000))
+    replay = result["replay"]
+    terminal_slots = np.flatnonzero(replay.terminated[:replay.size])
+    assert len(terminal_slots) >= 2 and len(terminal_slots) > len(result["game_returns"]), "lives end episodes"
+    assert (~replay.starts_transition[terminal_slots + 1]).all()  # each lost life's final frame is kept
+
+
+def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path):
+    """2N steps in one go, and N steps then N more from a checkpoint with the replay: identical parameters.
+    Epsilon is held constant, as the schedule's length depends on --total-timesteps of each run."""
+    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60)
+    whole = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
+    again = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
+    first_half = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True,
+                                        **settings))
+    checkpoint = os.path.join(first_half["run_dir"], "checkpoint.pt")
+    resumed = atari.train(atari.Args(resume=checkpoint, total_timesteps=240), ["--resume", checkpoint,
+                                                                            "--total-timesteps", "240"])
+    assert resumed["run_dir"] == first_half["run_dir"] and resumed["global_step"] == 240
+    for run in (again, resumed):
+        for name, parameter in whole["q_network"].state_dict().items():
+            assert torch.equal(parameter, run["q_network"].state_dict()[name]), name
+    eval_rows = open(os.path.join(resumed["run_dir"], "eval.csv")).read().splitlines()
+    assert [row.split(",")[0] for row in eval_rows[1:]] == ["120", "240"]
+
+
+def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
+    run = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
+    path = os.path.join(run["run_dir"], "checkpoint.pt")
+    original = open(path, "rb").read()
+
+    with pytest.raises(atari.ConfigError, match="trained with --env-id BreakoutNoFrameskip-v4, not PongNoFrameskip"):
+        atari.train(atari.Args(resume=path, env_id="PongNoFrameskip-v4"), ["--resume", path, "--env-id", "Pong"])
+
+    other_shape = torch.load(path, weights_only=True)
+    other_shape["q_network"]["network.9.weight"] = torch.zeros(18, 512)
+    reshaped = str(tmp_path / "reshaped.pt")
+    torch.save(other_shape, reshaped)
+    with pytest.raises(atari.ConfigError, match="does not fit this network"):
+        atari.train(atari.Args(resume=reshaped), ["--resume", reshaped])
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(original[: len(original) // 2])
+    with pytest.raises(atari.ConfigError, match="is not a readable dqn_atari.py checkpoint"):
+        atari.train(atari.Args(resume=str(corrupt)), ["--resume", str(corrupt)])
+    assert open(path, "rb").read() == original and len(corrupt.read_bytes()) == len(original) // 2
+
+
+def test_flags_given_reads_tyro_spellings():
+    assert atari.flags_given(["--env-id", "x", "--total_timesteps=5", "--no-cuda", "--resume", "p"]) == {
+        "env_id", "total_timesteps", "cuda", "resume"}
+
+
+def test_evaluation_is_reproducible_per_step_and_plays_whole_games():
+    args = atari.Args(env_id="BreakoutNoFrameskip-v4", eval_episodes=3)
+    evaluate = atari.Evaluator(args, atari.FramePreprocessor((210, 160), CPU), seed=5)
+    torch.manual_seed(0)
+    network = atari.QNetwork(4)
+    first, again = evaluate(network, step=100), evaluate(network, step=100)
+    assert len(first) == 3 and np.array_equal(first, again)
+    assert all(game.game_over for game in evaluate.games)
+
+
+def test_run_writes_eval_curve_and_tensorboard_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = atari.train(small_args(tmp_path, total_timesteps=600, eval_every=300))
+    lines = open(os.path.join(result["run_dir"], "eval.csv")).read().splitlines()
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [300, 600]
+    events = EventAccumulator(result["run_dir"]).Reload()
+    expected = {"charts/episodic_return", "charts/episodic_length", "charts/epsilon", "charts/SPS",
+                "losses/td_loss", "losses/q_values", "eval/episodic_return"}
+    assert expected <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to check the GPU paths")
+def test_gpu_runs_keep_frames_and_batches_on_the_gpu_and_the_replay_pinned(tmp_path):
+    """Seed bugs: tensors left on the CPU, and preprocessing on the CPU when the GPU is there."""
+    result = atari.train(small_args(tmp_path, cuda=True))
+    replay = result["replay"]
+    assert replay.pinned and replay.frames.is_pinned()
+    assert all(part.device.type == "cuda" for part in replay.sample(8))
+    preprocess = atari.FramePreprocessor((210, 160), torch.device("cuda"))
+    assert preprocess(np.zeros((2, 210, 160), np.uint8)).device.type == "cuda"
+
+
+# ---- the command line ----
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--env-id", "NoSuchGame-v4"], "unknown env id 'NoSuchGame-v4'"),
+    (["--env-id", "CartPole-v1"], "is not an Atari game"),
+    (["--buffer-size", "4"], "--buffer-size must be at least 8 frames"),
+    (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
+    (["--buffer-size", "100000000"], "a replay of 100,000,000 frames needs 707.10 GB"),
+    (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
+])
+def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
+    assert_one_line_error(run_script("dqn_atari.py", *args, cwd=tmp_path), fragment, script="dqn_atari.py")
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+    command = [sys.executable, str(REPO / "dqn_atari.py"), "--buffer-size", "2000", "--learning-starts", "100",
+               "--total-timesteps", "100000", "--progress-every", "100", "--no-cuda", "--runs-dir", "runs"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step"):  # training is under way
+            break
+    process.send_signal(signal.SIGTERM)
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 0, errors
+    assert "stopped by signal 15" in output
+    (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    resumed = run_script("dqn_atari.py", "--resume", str(checkpoint), "--total-timesteps", str(stopped_at + 50),
+                         "--eval-episodes", "1", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "final eval over 1 games" in resumed.stdout
+    assert "the checkpoint has no replay: collecting 100 steps" in resumed.stdout
