@@ -207,6 +207,23 @@ def test_frame_replay_samples_with_randint_not_choice(monkeypatch):
     assert replay.sample(32)[0].shape == (32, atari.STACK, atari.FRAME_SIZE, atari.FRAME_SIZE)
 
 
+def test_frame_replay_batch_is_gathered_not_built_from_a_list(monkeypatch):
+    """Seed bug: a batch built as torch.tensor([array, array, ...]), element by element."""
+    def no_lists(original):
+        def checked(data, *args, **kwargs):
+            assert not isinstance(data, (list, tuple)), "batch built from a Python list"
+            return original(data, *args, **kwargs)
+        return checked
+
+    replay = atari.FrameReplay(64, CPU, seed=0)
+    for t in range(64):
+        replay.add(frame_with_id(t), 0, 0.0, False, False, frame_with_id(t + 1))
+    for name in ("tensor", "as_tensor", "stack"):
+        monkeypatch.setattr(torch, name, no_lists(getattr(torch, name)))
+    monkeypatch.setattr(np, "array", no_lists(np.array))
+    assert replay.sample(16)[0].shape == (16, atari.STACK, atari.FRAME_SIZE, atari.FRAME_SIZE)
+
+
 def test_frame_replay_stores_uint8_frames_once_and_1m_fits_in_7_1_gb():
     """Seed bug: a float64 replay (8x the bytes of uint8 frames, and stacks stored twice over)."""
     replay = atari.FrameReplay(1000, CPU, seed=0)
@@ -254,7 +271,7 @@ def test_deepmind_rmsprop_takes_the_step_their_code_defines():
 # ---- the loop, evaluation and checkpoints ----
 
 
-def test_loop_clips_rewards_stores_truncation_and_logs_whole_games(tmp_path, monkeypatch):
+def test_loop_stores_truncation_and_logs_whole_games(tmp_path, monkeypatch):
     """Games capped at 400 frames (100 steps) truncate: the final frame gets its own slot, the transition into
     it is not terminal, and a whole game is logged once, however many lives it lost."""
     monkeypatch.setattr(atari, "MAX_GAME_FRAMES", 400)
@@ -264,7 +281,13 @@ def test_loop_clips_rewards_stores_truncation_and_logs_whole_games(tmp_path, mon
     finals = np.flatnonzero(~replay.starts_transition[:replay.size])
     assert len(finals) == 3 and len(result["game_returns"]) == 3
     assert not replay.terminated[finals - 1].any(), "a time limit must not be stored as terminal"
-    assert set(np.unique(replay.rewards[:replay.size])) <= {-1.0, 0.0, 1.0}
+
+
+def test_loop_clips_rewards_to_their_sign(tmp_path):
+    result = atari.train(small_args(tmp_path, env_id="SpaceInvadersNoFrameskip-v4", total_timesteps=300, end_e=1.0,
+                                    learning_starts=1000))
+    stored = set(np.unique(result["replay"].rewards[:result["replay"].size]))
+    assert 1.0 in stored and stored <= {-1.0, 0.0, 1.0}, "Space Invaders pays 5 to 30: clipped, it must be 1"
 
 
 def test_loop_ends_training_episodes_at_lost_lives(tmp_path):
@@ -331,12 +354,15 @@ def test_evaluation_is_reproducible_per_step_and_plays_whole_games():
     assert all(game.game_over for game in evaluate.games)
 
 
-def test_run_writes_eval_curve_and_tensorboard_tags(tmp_path):
+def test_run_writes_eval_curve_videos_and_tensorboard_tags(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = atari.train(small_args(tmp_path, total_timesteps=600, eval_every=300))
+    result = atari.train(small_args(tmp_path, total_timesteps=600, eval_every=300, capture_video=True))
     lines = open(os.path.join(result["run_dir"], "eval.csv")).read().splitlines()
     assert [int(line.split(",")[0]) for line in lines[1:]] == [300, 600]
+    for step in (300, 600):
+        with open(os.path.join(result["run_dir"], "videos", f"eval_step{step}.gif"), "rb") as video:
+            assert video.read(6) == b"GIF89a"
     events = EventAccumulator(result["run_dir"]).Reload()
     expected = {"charts/episodic_return", "charts/episodic_length", "charts/epsilon", "charts/SPS",
                 "losses/td_loss", "losses/q_values", "eval/episodic_return"}
