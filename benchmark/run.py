@@ -6,6 +6,11 @@ Each run is `python <script> --env-id E --seed S <extra args>` in its own proces
 pinned to one core. Per env it writes <env>.csv (every eval of every seed), <env>_runs.csv (final eval and
 wall seconds per seed), <env>.png (mean eval curve with a one-standard-error band, seeds faint), and
 summary.md (the table, the exact command, commit and machine). Extra arguments after `--` go to the script.
+
+    python benchmark/run.py --from-runs runs/PongNoFrameskip-v4__dqn_atari__1__* --out benchmark/results/pong
+
+makes the same report from finished run directories instead (runs trained elsewhere, or resumed from
+checkpoints across sessions): their seed comes from the directory name, their wall time from eval.csv.
 """
 
 import argparse
@@ -55,8 +60,12 @@ class RunResult:
         return float(self.curve[-1]["eval_mean"]) if self.curve else float("nan")
 
 
+def file_stem(env_id: str) -> str:
+    return env_id.replace("/", "-")  # ALE/Pong-v5 names a file, not a folder
+
+
 def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_dir: Path, log_dir: Path):
-    runs_dir = work_dir / f"{env_id}__{seed}"
+    runs_dir = work_dir / f"{file_stem(env_id)}__{seed}"
     command = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed),
                "--runs-dir", str(runs_dir), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -65,7 +74,7 @@ def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_d
     with LAUNCH_LOCK:
         if STOPPED.is_set():
             return RunResult(env_id, seed, 0.0, [], "not started: the runner was stopped")
-        log = open(log_dir / f"{env_id}_seed{seed}.log", "w")
+        log = open(log_dir / f"{file_stem(env_id)}_seed{seed}.log", "w")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
         RUNNING.add(process)
     with log:
@@ -75,9 +84,21 @@ def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_d
     wall = time.perf_counter() - start
     eval_files = sorted(runs_dir.glob("*/eval.csv"))
     if returncode != 0 or not eval_files:
-        return RunResult(env_id, seed, wall, [], f"exit {returncode}, see {log_dir}/{env_id}_seed{seed}.log")
+        return RunResult(env_id, seed, wall, [], f"exit {returncode}, see {log_dir}/{file_stem(env_id)}_seed{seed}.log")
     with open(eval_files[-1]) as f:
         return RunResult(env_id, seed, wall, list(csv.DictReader(f)))
+
+
+def result_from_run_dir(run_dir: Path) -> RunResult:
+    """A finished run's directory, <env>__<exp>__<seed>__<time> as the scripts name it, read as a RunResult."""
+    parts = run_dir.name.split("__")
+    eval_file = run_dir / "eval.csv"
+    if len(parts) != 4 or not parts[2].isdigit() or not eval_file.is_file():
+        raise ValueError(f"{run_dir} is not a run directory with an eval.csv")
+    with open(eval_file) as f:
+        curve = list(csv.DictReader(f))
+    env_id = parts[0].replace("ALE-", "ALE/", 1)  # the scripts write ALE/Pong-v5's runs as ALE-Pong-v5
+    return RunResult(env_id, int(parts[2]), float(curve[-1]["wall_seconds"]) if curve else 0.0, curve)
 
 
 def mean_and_se(values) -> tuple:
@@ -88,14 +109,14 @@ def mean_and_se(values) -> tuple:
 
 def write_env_outputs(out: Path, env_id: str, results: list, threshold) -> dict:
     ok = [r for r in results if not r.error]
-    with open(out / f"{env_id}.csv", "w", newline="") as f:
+    with open(out / f"{file_stem(env_id)}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["seed", "step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
         for r in ok:
             for row in r.curve:
                 writer.writerow([r.seed, row["step"], row["eval_mean"], row["eval_std"], row["episodes"],
                                  row["wall_seconds"]])
-    with open(out / f"{env_id}_runs.csv", "w", newline="") as f:
+    with open(out / f"{file_stem(env_id)}_runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["seed", "final_eval_mean", "solved", "run_wall_seconds", "error"])
         for r in results:
@@ -104,7 +125,7 @@ def write_env_outputs(out: Path, env_id: str, results: list, threshold) -> dict:
     finals = [r.final for r in ok]
     mean, se = mean_and_se(finals) if finals else (float("nan"), float("nan"))
     if ok:
-        plot_curves(out / f"{env_id}.png", env_id, ok, threshold)
+        plot_curves(out / f"{file_stem(env_id)}.png", env_id, ok, threshold)
     return {"env": env_id, "seeds": len(results), "failed": len(results) - len(ok),
             "steps": int(ok[0].curve[-1]["step"]) if ok else 0, "mean": mean, "se": se,
             "solved": sum(f >= threshold for f in finals) if threshold is not None else None,
@@ -123,7 +144,8 @@ def plot_curves(path: Path, env_id: str, results: list, threshold) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for curve in curves:
         ax.plot(steps, curve, color="tab:blue", alpha=0.15, linewidth=0.8)
-    ax.plot(steps, mean, color="tab:blue", label=f"mean of {len(curves)} seeds")
+    ax.plot(steps, mean, color="tab:blue", label=f"mean of {len(curves)} seeds" if len(curves) > 1 else
+            "one seed: no spread shown")
     ax.fill_between(steps, mean - se, mean + se, color="tab:blue", alpha=0.3, label="± 1 standard error")
     if threshold is not None:
         ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
@@ -180,15 +202,24 @@ def main(argv=None) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="final eval that counts as solved (default: the env spec's reward_threshold)")
     parser.add_argument("--out", required=True, help="folder for CSVs, PNGs, logs and summary.md")
+    parser.add_argument("--from-runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="report these finished run directories instead of training")
     args = parser.parse_args(argv[:split])
+    if args.from_runs:
+        try:
+            results = [result_from_run_dir(run_dir) for run_dir in args.from_runs]
+        except ValueError as error:
+            parser.error(str(error))
+        env_ids = list(dict.fromkeys(r.env_id for r in results))
+        write_report(args, argv, env_ids, results, script=None, seconds=sum(r.wall_seconds for r in results),
+                     how="runs read from their directories (trained before this report; see each run's flags)")
+        return
     extra = argv[split + 1:]
     script = Path(args.script).resolve()
     if not script.is_file():
         parser.error(f"no script at {script}")
     if args.seeds < 1 or args.workers < 1:
         parser.error("--seeds and --workers must be at least 1")
-    import gymnasium as gym
-
     signal.signal(signal.SIGTERM, stop_runs)
     signal.signal(signal.SIGINT, stop_runs)
     out = Path(args.out)
@@ -208,20 +239,36 @@ def main(argv=None) -> None:
             results.append(result)
             status = result.error or f"final eval {result.final:.2f}"
             print(f"{result.env_id} seed {result.seed}: {status} ({result.wall_seconds:.1f}s)", flush=True)
+    write_report(args, argv, args.env_ids, results, script, time.perf_counter() - started,
+                 f"workers: {args.workers}, one torch thread each, pinned to a core")
+    if any(r.error for r in results):
+        sys.exit(f"{sum(bool(r.error) for r in results)} run(s) failed; see {log_dir}")
+
+
+def write_report(args, argv: list, env_ids: list, results: list, script, seconds: float, how: str) -> None:
+    """Per env outputs, the printed table and summary.md with the command, commit and machine."""
+    import gymnasium as gym
+    try:
+        import ale_py  # registers the Atari ids, whose spec gives the threshold (none)
+        gym.register_envs(ale_py)
+    except ImportError:
+        pass
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for env_id in args.env_ids:
+    for env_id in env_ids:
         threshold = args.threshold if args.threshold is not None else gym.spec(env_id).reward_threshold
         rows.append(write_env_outputs(out, env_id, [r for r in results if r.env_id == env_id], threshold))
     table = format_table(rows)
     print(table)
     command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    code = [Path(__file__)] + ([script] if script else [])
+    seeds = sorted({r.seed for r in results})
     (out / "summary.md").write_text(
-        f"# {', '.join(args.env_ids)}: {args.seeds} seeds\n\n{table}\n\n"
-        f"- command (from the repository root): `{command}`\n- commit: {git_commit([script, Path(__file__)])}\n"
-        f"- machine: {machine_description()}\n- workers: {args.workers}, one torch thread each, pinned to a core\n"
-        f"- total wall: {time.perf_counter() - started:.0f} s\n")
-    if any(r.error for r in results):
-        sys.exit(f"{sum(bool(r.error) for r in results)} run(s) failed; see {log_dir}")
+        f"# {', '.join(env_ids)}: {len(seeds)} seed{'s' if len(seeds) > 1 else ''}\n\n{table}\n\n"
+        f"- command (from the repository root): `{command}`\n- commit: {git_commit(code)}\n"
+        f"- machine: {machine_description()}\n- {how}\n- total wall: {seconds:.0f} s\n")
 
 
 if __name__ == "__main__":

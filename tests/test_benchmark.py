@@ -102,3 +102,22 @@ def test_stopping_the_runner_stops_its_runs(tmp_path):
         time.sleep(0.2)
     assert not children(), "a training process outlived its runner"
     assert not (tmp_path / "logs" / "CartPole-v1_seed2.log").exists(), "a queued run started after the stop"
+
+
+def test_report_from_finished_run_directories(tmp_path):
+    """Runs trained elsewhere (an Atari run resumed across sessions, say) get the same report."""
+    run_dirs = []
+    for seed, finals in ((3, [-21, -5]), (4, [-20, 1])):
+        run_dir = tmp_path / "runs" / f"ALE-Pong-v5__dqn_atari__{seed}__1700000000"
+        run_dir.mkdir(parents=True)
+        (run_dir / "eval.csv").write_text("step,eval_mean,eval_std,episodes,wall_seconds\n" + "".join(
+            f"{50000 * (i + 1)},{v},0,10,{3600 * (i + 1)}\n" for i, v in enumerate(finals)))
+        run_dirs.append(str(run_dir))
+    out = tmp_path / "report"
+    bench.main(["--from-runs", *run_dirs, "--out", str(out)])
+    summary = (out / "summary.md").read_text()
+    assert "| ALE/Pong-v5 | 2 | 100000 | -2.00 ± 3.00 | n/a | 7200.0 |" in summary
+    assert "runs read from their directories" in summary and (out / "ALE-Pong-v5.png").exists()
+
+    with pytest.raises(SystemExit):
+        bench.main(["--from-runs", str(tmp_path / "runs"), "--out", str(out)])
