@@ -110,12 +110,13 @@ class ConfigError(Exception):
 
 
 def check_args(args: Args) -> None:
+    # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
-                "eval_episodes", "frame_skip", "learning_rate"]
+                "eval_episodes", "frame_skip", "learning_rate", "learning_starts"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_every", "progress_every", "max_grad_norm", "noop_max",
+    for name in ["eval_every", "progress_every", "max_grad_norm", "noop_max",
                  "checkpoint_every"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -321,7 +322,7 @@ class FrameReplay:
     to the device asynchronously.
     """
 
-    def __init__(self, capacity: int, device: torch.device, seed: int):
+    def __init__(self, capacity: int, device: torch.device, seed):
         needed = capacity * (FRAME_SIZE * FRAME_SIZE + 8 + 4 + 3)
         available = available_memory_bytes()
         if available is not None and needed > available:
@@ -707,10 +708,12 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     target_network.requires_grad_(False)
     target_sync = TargetSync(q_network, target_network, args.target_network_frequency)
     optimizer = make_optimizer(args, q_network)
-    replay = FrameReplay(args.buffer_size, device, args.seed)
+    # streams of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_stream, action_stream = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_stream)
     print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
           f"{' pinned' if replay.pinned else ''}", flush=True)
-    action_rng = np.random.default_rng(args.seed)
+    action_rng = np.random.default_rng(action_stream)
     frame_stack = FrameStack(device)
 
     start_step, updates_begin_at, wall_before = 1, args.learning_starts, 0.0
@@ -791,7 +794,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         obs = frame_stack.frames
     start_time = time.time()
     final_returns = None
-    global_step = start_step - 1
+    global_step = start_step - 1  # a resumed run with nothing left to do
     for global_step in range(start_step, args.total_timesteps + 1):
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         if action_rng.random() < epsilon:
@@ -834,14 +837,16 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             print(f"step {global_step:>9}/{args.total_timesteps} | SPS {steps_done / elapsed:5.0f} | "
                   f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
                   f"ETA {elapsed * (args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
-        if args.checkpoint_every and global_step % args.checkpoint_every == 0:
+        if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
             write_checkpoint(global_step)
         if stop_signal:
-            write_checkpoint(global_step)
             print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
                   f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)
             break
-    else:
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+
+    if not stop_signal:
         final_returns = run_evaluation(args.total_timesteps)
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
               f"{final_returns.std():.2f} (wall {wall_before + time.time() - start_time:.1f}s)", flush=True)
@@ -850,8 +855,6 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id,
                              "n_actions": n_actions}, model_path)
             print(f"model saved to {model_path}")
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
     eval_file.close()
     writer.close()
     return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": run_dir,

@@ -388,6 +388,7 @@ def test_gpu_runs_keep_frames_and_batches_on_the_gpu_and_the_replay_pinned(tmp_p
     (["--env-id", "CartPole-v1"], "is not an Atari game"),
     (["--buffer-size", "4"], "--buffer-size must be at least 8 frames"),
     (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
+    (["--learning-starts", "0"], "--learning-starts must be positive, got 0"),
     (["--buffer-size", "100000000"], "a replay of 100,000,000 frames needs 707.10 GB"),
     (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
 ])
