@@ -222,9 +222,11 @@ class AtariGame:
         self.game_return += reward
         self.game_length += 1
         lives = self.ale.lives()
-        life_lost = lives < self.lives and not (game_over or truncated)
+        # a life lost on the step that hits the frame cap still ends the training episode (terminated and
+        # truncated both): the bootstrap must not reach across a lost life
+        life_lost = lives < self.lives and not game_over
         self.lives = lives
-        if life_lost and not self.end_on_life_loss and self.fire_action is not None:
+        if life_lost and not self.end_on_life_loss and self.fire_action is not None and not truncated:
             game_over, truncated = self._serve()  # evaluation plays on through lost lives: serve as reset() does
         self.game_over = game_over or truncated
         terminated = game_over or (life_lost and self.end_on_life_loss)

@@ -115,3 +115,48 @@ def test_epsilon_schedule_matches_sb3_over_a_whole_run(script, start, end, fract
     ours = np.array([script.linear_schedule(start, end, duration, t) for t in range(total + 1)])
     theirs = np.array([schedule(1.0 - t / total) for t in range(total + 1)])
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-9)
+
+
+def test_training_pipeline_matches_sb3_atari_wrapper(monkeypatch):
+    """dqn_atari.py's game + preprocessing against SB3's AtariWrapper stack (max-and-skip, episodic life,
+    fire reset, warp frame, clip reward), on the same emulator and the same random actions: frames, clipped
+    rewards, terminations at lost lives, truncations at the frame cap, lives. Games are capped at 400 frames
+    so that truncations come often. Resets differ by design (SB3 adds a no-op step after a lost life and an
+    action 2 after FIRE), so after each reset SB3's emulator is set to ours and the comparison goes on.
+    Frame tolerance: 1 gray level on 0.01% of pixels, as SB3 converts RGB to gray with OpenCV's weights and
+    the emulator with its own palette table."""
+    from stable_baselines3.common.atari_wrappers import AtariWrapper, EpisodicLifeEnv
+
+    monkeypatch.setattr(dqn_atari, "MAX_GAME_FRAMES", 400)
+    ours = dqn_atari.AtariGame("BreakoutNoFrameskip-v4", seed=0, noop_max=0)
+    theirs = AtariWrapper(gym.make("BreakoutNoFrameskip-v4", max_num_frames_per_episode=400), noop_max=0)
+    episodic_life = theirs
+    while not isinstance(episodic_life, EpisodicLifeEnv):
+        episodic_life = episodic_life.env
+    preprocess = dqn_atari.FramePreprocessor((210, 160), torch.device("cpu"))
+
+    def reset_both():
+        ours.reset()
+        theirs.reset(seed=0)
+        theirs.unwrapped.ale.restoreState(ours.ale.cloneState(include_rng=True))
+        episodic_life.lives = ours.lives
+
+    reset_both()
+    rng = np.random.default_rng(0)
+    differences, ends = [], {"terminated": 0, "truncated": 0, "rewards": 0}
+    for _ in range(3000):
+        action = int(rng.integers(ours.n_actions))
+        raw, reward, terminated, truncated, game_over = ours.step(action)
+        frame, their_reward, their_terminated, their_truncated, _ = theirs.step(action)
+        assert (np.sign(reward), terminated, truncated) == (their_reward, their_terminated, their_truncated)
+        assert ours.ale.lives() == theirs.unwrapped.ale.lives()
+        ends["rewards"] += reward != 0
+        if not game_over:  # at a game's end SB3 keeps stale frames from an earlier step; ours shows the last two
+            differences.append(np.abs(preprocess(raw).numpy().astype(int) - frame[..., 0].astype(int)))
+        if terminated or truncated:
+            ends["terminated"] += terminated
+            ends["truncated"] += truncated
+            reset_both()
+    assert min(ends.values()) >= 10, ends  # every kind of event was compared, many times
+    differences = np.stack(differences)
+    assert differences.max() <= 1 and (differences > 0).mean() <= 1e-4
