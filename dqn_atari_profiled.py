@@ -1,0 +1,1030 @@
+"""Nature DQN (Mnih et al. 2015) on Atari, in one file: dqn_atari.py plus an inline profiling harness.
+
+`diff dqn_atari.py dqn_atari_profiled.py` shows only the harness: phase timers (PHASES.lap) through the loop
+and the update, the table they make at the end, and --cprofile, --py-spy and --torch-profiler. Its defaults make
+a short run, so `python dqn_atari_profiled.py` says where the time goes in a few minutes.
+
+Read top to bottom, beside dqn.py: the arguments, the pieces (the game with Nature's wrappers, preprocessing
+on the training device, a replay that stores each frame once, the network, the schedule, the update,
+evaluation, checkpoints), then the training loop in `train()`.
+`python dqn_atari.py --env-id BreakoutNoFrameskip-v4` trains; README.md lists the flags and Nature's values.
+"""
+
+import cProfile
+import csv
+import os
+import pickle
+import pstats
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+gym.register_envs(ale_py)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the emulators; the same seed on CPU gives the same run"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms"""
+    cuda: bool = True
+    """train on CUDA when it is available"""
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """an ALE game: a *NoFrameskip-v4 id, or an ALE/*-v5 id (action repeat is then ours, not the env's)"""
+    repeat_action_probability: Optional[float] = None
+    """sticky actions: the chance the emulator repeats the previous action on each frame. None: the env's
+    own default, 0 for *NoFrameskip-v4 (Nature's setting) and 0.25 for ALE/*-v5 (Machado et al. 2018)"""
+    total_timesteps: int = 20_000
+    """total environment (agent) steps of training; one step is frame_skip emulator frames (profiling: short)"""
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    """adam (CleanRL's choice) or rmsprop (the centered RMSProp of DeepMind's code; see DeepMindRMSprop)"""
+    learning_rate: float = 1e-4
+    """the optimizer's learning rate (Nature's RMSProp: 2.5e-4)"""
+    buffer_size: int = 100_000
+    """replay capacity in frames (profiling: 100k, as the size does not change the cost of a step) (one 84x84 uint8 frame per transition, 7.06 GB for 1M)"""
+    gamma: float = 0.99
+    """discount factor"""
+    target_network_frequency: int = 1000
+    """env steps between copies of the online network into the target network (Nature: 10,000)"""
+    batch_size: int = 32
+    """transitions per gradient step"""
+    start_e: float = 1.0
+    """epsilon at the first step"""
+    end_e: float = 0.01
+    """epsilon after the annealing (Nature: 0.1)"""
+    exploration_fraction: float = 0.10
+    """fraction of total_timesteps over which epsilon falls linearly (Nature: 1M steps of 50M, 0.02)"""
+    learning_starts: int = 2_000
+    """env steps of pure collection before the first gradient step (profiling: soon, to time the updates)"""
+    train_frequency: int = 4
+    """env steps between gradient steps"""
+    max_grad_norm: float = 0.0
+    """clip the gradient's global L2 norm to this (0 disables, as CleanRL; SB3 uses 10)"""
+    frame_skip: int = 4
+    """emulator frames per agent step (the action is repeated; the max over the last two is observed)"""
+    noop_max: int = 30
+    """at most this many no-op frames at the start of each game, a random number from 1 (0: none)"""
+    eval_every: int = 0
+    """env steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 2
+    """full games per evaluation"""
+    eval_epsilon: float = 0.05
+    """epsilon of the evaluation policy (Nature: 0.05)"""
+    capture_video: bool = False
+    """write a GIF of the first game of each evaluation to <run dir>/videos (needs pillow)"""
+    progress_every: int = 5_000
+    """env steps between progress lines (0: none)"""
+    checkpoint_every: int = 0
+    """env steps between checkpoints written to <run dir>/checkpoint.pt (0: only on SIGINT or SIGTERM)"""
+    checkpoint_replay: bool = False
+    """include the replay in checkpoints (buffer_size x 7 KB), so a resumed run continues exactly"""
+    resume: str = ""
+    """path of a checkpoint: continue that run in its directory (its flags are kept; pass only the ones
+    a resumed run may change, such as --total-timesteps)"""
+    runs_dir: str = "runs"
+    """where each run's directory (tensorboard events, eval.csv, checkpoint, model) is created"""
+    save_model: bool = False
+    """write the trained weights to <run dir>/<exp_name>.pt"""
+    cprofile: bool = False
+    """run under cProfile: <run dir>/cprofile.prof, and the top 25 functions by own time printed"""
+    py_spy: bool = False
+    """record this process with py-spy: <run dir>/py-spy.svg (flamegraph) and py-spy.speedscope.json"""
+    torch_profiler: bool = False
+    """trace 10 updates with torch.profiler: <run dir>/torch_trace.json (chrome://tracing, perfetto)"""
+
+
+LOG_EVERY = 100  # env steps between loss logs, as CleanRL
+FRAME_SIZE = 84  # Nature's 84x84 input
+STACK = 4  # Nature's history of 4 frames
+MAX_GAME_FRAMES = 108_000  # 30 minutes of play at 60 Hz: the usual cap on a game (training and evaluation)
+# Flags a resumed run may take from its command line; every other one comes from the checkpoint.
+RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", "progress_every",
+             "checkpoint_every", "checkpoint_replay", "resume", "cuda", "save_model", "cprofile", "py_spy",
+             "torch_profiler"}
+
+
+class ConfigError(Exception):
+    """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+
+
+def check_args(args: Args) -> None:
+    # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
+    positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
+                "eval_episodes", "frame_skip", "learning_rate", "learning_starts"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["eval_every", "progress_every", "max_grad_norm", "noop_max",
+                 "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["start_e", "end_e", "eval_epsilon", "gamma", "repeat_action_probability"]:
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+    if not 0.0 < args.exploration_fraction <= 1.0:
+        raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if args.buffer_size < 2 * STACK:
+        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames, got {args.buffer_size}")
+
+
+# ---- Profiling harness ---------------------------------------------------------------------------------------
+
+
+class PhaseTimer:
+    """Charges the time since the previous lap() to the phase named: every moment of the loop lands in one
+    phase. On CUDA each lap records an event and phases are charged the stream time between events, so GPU
+    work is charged to the phase that queued it, not to whichever later phase happens to wait for it."""
+
+    def __init__(self):
+        self.totals, self.calls = defaultdict(float), defaultdict(int)
+        self.cuda = False
+        self.pending = []  # CUDA: (phase, end event), resolved in batches
+
+    def start(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals.clear()
+        self.calls.clear()
+        self.last_time = time.perf_counter()
+        if self.cuda:
+            self.last_event = torch.cuda.Event(enable_timing=True)
+            self.last_event.record()
+
+    def lap(self, phase: str) -> None:
+        self.calls[phase] += 1
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.pending.append((phase, event))
+            if len(self.pending) >= 1000:
+                self.resolve()
+        else:
+            now = time.perf_counter()
+            self.totals[phase] += now - self.last_time
+            self.last_time = now
+
+    def resolve(self) -> None:
+        if not self.pending:
+            return
+        self.pending[-1][1].synchronize()
+        for phase, event in self.pending:
+            self.totals[phase] += self.last_event.elapsed_time(event) / 1000.0
+            self.last_event = event
+        self.pending.clear()
+
+    def table(self, env_steps: int) -> str:
+        self.resolve()
+        wall = sum(self.totals.values())
+        lines = [f"{'phase':<28} {'ms per env step':>16} {'% of wall':>10} {'calls':>9}"]
+        for phase, seconds in sorted(self.totals.items(), key=lambda item: -item[1]):
+            lines.append(f"{phase:<28} {1000 * seconds / env_steps:>16.3f} {100 * seconds / wall:>9.1f}% "
+                         f"{self.calls[phase]:>9}")
+        lines.append(f"{'total':<28} {1000 * wall / env_steps:>16.3f} {100.0:>9.1f}% {env_steps:>9} env steps")
+        return "\n".join(lines)
+
+
+PHASES = PhaseTimer()
+
+
+def start_py_spy(run_dir: str) -> list:
+    """Two py-spy recorders of this process (a flamegraph and a speedscope profile), stopped by stop_py_spy."""
+    executable = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if executable is None:
+        raise ConfigError("--py-spy needs py-spy: pip install py-spy")
+    native = ["--native"] if sys.platform == "linux" else []  # C and C++ frames (torch, the emulator) too
+    recorders = []
+    for fmt, name in (("flamegraph", "py-spy.svg"), ("speedscope", "py-spy.speedscope.json")):
+        command = [executable, "record", "--pid", str(os.getpid()), "--format", fmt, "--rate", "50",
+                   "--output", os.path.join(run_dir, name), *native]
+        recorders.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    time.sleep(1.0)  # a recorder refused by the OS exits at once
+    for recorder in recorders:
+        if recorder.poll() is not None:
+            stop_py_spy(recorders)
+            reason = (recorder.stderr.read().strip().splitlines() or ["no reason given"])[-1]
+            raise ConfigError(f"py-spy could not record this process ({reason}); on Linux it needs ptrace: "
+                              "run as root or set kernel.yama.ptrace_scope to 0")
+    return recorders
+
+
+def stop_py_spy(recorders: list) -> None:
+    for recorder in recorders:
+        if recorder.poll() is None:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+    for recorder in recorders:
+        recorder.wait(timeout=120)
+
+
+# ---- Environment -------------------------------------------------------------------------------------------
+
+
+def make_ale_env(env_id: str, repeat_action_probability: Optional[float]) -> gym.Env:
+    """The raw emulator (one frame per step, grayscale, minimal action set); ConfigError if not an ALE game."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as error:
+        raise ConfigError(f"unknown env id {env_id!r} ({type(error).__name__}: {error})") from None
+    if "ale_py" not in str(spec.entry_point):
+        raise ConfigError(f"{env_id} is not an Atari game: dqn_atari.py takes ALE ids such as "
+                          "BreakoutNoFrameskip-v4 or ALE/Breakout-v5 (dqn.py takes the others)")
+    if repeat_action_probability is None:
+        repeat_action_probability = spec.kwargs.get("repeat_action_probability", 0.0)
+    # frameskip=1: action repeat and the max over frames are ours, so v4 and v5 ids behave the same
+    return gym.make(env_id, obs_type="grayscale", frameskip=1, full_action_space=False,
+                    repeat_action_probability=repeat_action_probability,
+                    max_num_frames_per_episode=MAX_GAME_FRAMES)
+
+
+class AtariGame:
+    """One ALE game behind Nature DQN's wrappers, its frames left raw for the device-side preprocessing.
+
+    step() repeats the action for frame_skip frames and returns the last two raw 210x160 grayscale frames
+    (their max removes the flicker of sprites drawn every other frame). A game starts with 1..noop_max
+    random no-op frames. With end_on_life_loss (training), a lost life ends the episode but not the game:
+    the next reset() continues it, so the agent learns that a life has value without replaying whole
+    games from the start (the seed trained on full games). In games that wait for FIRE to serve, FIRE is
+    pressed at every start and after every lost life, in training and evaluation alike: the serve takes no
+    skill, and without it an episode starts with an idle stretch only FIRE ends (the seed's Breakout idled).
+    Episode statistics (`game_return`, `game_length`) count whole games with unclipped rewards.
+    """
+
+    def __init__(self, env_id: str, seed: int, frame_skip: int = 4, noop_max: int = 30,
+                 end_on_life_loss: bool = True, repeat_action_probability: Optional[float] = None):
+        self.env = make_ale_env(env_id, repeat_action_probability)
+        self.ale = self.env.unwrapped.ale
+        self.action_set = self.env.unwrapped._action_set
+        self.n_actions = len(self.action_set)
+        meanings = self.env.unwrapped.get_action_meanings()
+        self.fire_action = 1 if len(meanings) >= 3 and meanings[1] == "FIRE" else None
+        self.frame_skip, self.noop_max, self.end_on_life_loss = frame_skip, noop_max, end_on_life_loss
+        self.raw = np.zeros((2, *self.ale.getScreenDims()), dtype=np.uint8)
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self.env.reset(seed=seed)  # seeds the emulator's own generator (sticky actions)
+        self.rng = np.random.default_rng(seed)  # no-op counts
+        self.game_over = True
+        self.lives = 0
+        self.game_return, self.game_length = 0.0, 0
+
+    def _act(self, action: int, frames: int):
+        """Emulates `frames` frames; returns (reward, game over, truncated). Every frame's screen lands in
+        raw[k % 2], so raw always holds the last two emulated frames, even when the game ends early."""
+        reward = 0.0
+        for k in range(frames):
+            reward += self.ale.act(self.action_set[action])
+            self.ale.getScreenGrayscale(self.raw[k % 2])
+            game_over, truncated = self.ale.game_over(with_truncation=False), self.ale.game_truncated()
+            if game_over or truncated:
+                return reward, game_over, truncated
+        return reward, False, False
+
+    def reset(self) -> np.ndarray:
+        """Starts a training episode: a new game if the last one ended, else the next life. Returns raw."""
+        if self.game_over:
+            self.ale.reset_game()
+            self.game_return, self.game_length = 0.0, 0
+            for _ in range(int(self.rng.integers(1, self.noop_max + 1)) if self.noop_max else 0):
+                _, game_over, truncated = self._act(0, 1)
+                if game_over or truncated:
+                    self.ale.reset_game()
+            self.ale.getScreenGrayscale(self.raw[0])
+            self.raw[1] = self.raw[0]  # a fresh start has one frame to show, not two
+            self.game_over = False
+        self.lives = self.ale.lives()
+        if self.fire_action is not None:
+            self.game_over = any(self._serve())
+        return self.raw
+
+    def _serve(self) -> tuple[bool, bool]:
+        reward, game_over, truncated = self._act(self.fire_action, self.frame_skip)
+        self.game_return += reward
+        return game_over, truncated
+
+    def step(self, action: int):
+        """Returns (raw frames, unclipped reward, terminated, truncated, game over)."""
+        reward, game_over, truncated = self._act(action, self.frame_skip)
+        self.game_return += reward
+        self.game_length += 1
+        lives = self.ale.lives()
+        # a life lost on the step that hits the frame cap still ends the training episode (terminated and
+        # truncated both): the bootstrap must not reach across a lost life
+        life_lost = lives < self.lives and not game_over
+        self.lives = lives
+        if life_lost and not self.end_on_life_loss and self.fire_action is not None and not truncated:
+            game_over, truncated = self._serve()  # evaluation plays on through lost lives: serve as reset() does
+        self.game_over = game_over or truncated
+        terminated = game_over or (life_lost and self.end_on_life_loss)
+        return self.raw, reward, terminated, truncated, self.game_over
+
+    def state(self) -> dict:
+        """Everything needed to continue this game exactly (emulator with its RNG, wrapper fields)."""
+        return {"ale": pickle.dumps(self.ale.cloneState(include_rng=True)), "raw": torch.from_numpy(self.raw.copy()),
+                "rng": self.rng.bit_generator.state, "game_over": self.game_over, "lives": self.lives,
+                "game_return": self.game_return, "game_length": self.game_length}
+
+    def load_state(self, state: dict) -> None:
+        self.ale.restoreState(pickle.loads(state["ale"]))
+        self.raw[:] = state["raw"].numpy()
+        self.rng.bit_generator.state = state["rng"]
+        self.game_over, self.lives = state["game_over"], state["lives"]
+        self.game_return, self.game_length = state["game_return"], state["game_length"]
+
+
+# ---- Preprocessing on the training device ------------------------------------------------------------------
+
+
+def area_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix averaging each output cell over its share of input pixels, fractions included:
+    OpenCV's INTER_AREA shrink, which gymnasium's AtariPreprocessing uses, written as a matrix."""
+    scale = n_in / n_out
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        low, high = i * scale, (i + 1) * scale
+        for j in range(int(low), min(int(np.ceil(high)), n_in)):
+            weights[i, j] = (min(high, j + 1) - max(low, j)) / scale
+    return weights.float()
+
+
+class FramePreprocessor:
+    """Raw frame pairs -> 84x84 uint8 frames, on the training device (on a GPU, frames shrink there).
+
+    The emulator already gives grayscale (one channel, its own luminance table), so what is left is the max
+    over the two frames and the area resize, done as rows @ frame @ cols: two small matmuls.
+    """
+
+    def __init__(self, raw_shape: tuple[int, int], device: torch.device):
+        self.device = device
+        self.rows = area_weights(raw_shape[0], FRAME_SIZE).to(device)
+        self.cols = area_weights(raw_shape[1], FRAME_SIZE).T.contiguous().to(device)
+
+    def __call__(self, raw: np.ndarray) -> torch.Tensor:
+        """raw: (..., 2, 210, 160) uint8 -> (..., 84, 84) uint8 on the device."""
+        frames = torch.from_numpy(raw).to(self.device).amax(dim=-3).float()
+        return (self.rows @ frames @ self.cols).round_().to(torch.uint8)
+
+
+class FrameStack:
+    """The agent's observation: the last 4 preprocessed frames, kept on the device. A new episode's first
+    frame fills all 4 slots (the replay rebuilds stacks the same way)."""
+
+    def __init__(self, device: torch.device):
+        self.frames = torch.zeros(STACK, FRAME_SIZE, FRAME_SIZE, dtype=torch.uint8, device=device)
+
+    def reset(self, frame: torch.Tensor) -> torch.Tensor:
+        self.frames = frame.expand(STACK, -1, -1).clone()
+        return self.frames
+
+    def push(self, frame: torch.Tensor) -> torch.Tensor:
+        self.frames = torch.cat([self.frames[1:], frame.unsqueeze(0)])
+        return self.frames
+
+
+# ---- Replay ------------------------------------------------------------------------------------------------
+
+
+def available_memory_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # not Linux: no check
+
+
+class FrameReplay:
+    """A ring of single 84x84 uint8 frames; stacks are rebuilt from them when sampled.
+
+    Slot i holds the newest frame of observation s_t with a_t, r_t and terminated_t; s_{t+1}'s newest frame
+    is in slot i+1, written by the next add(). When an episode ends, its final frame takes a slot of its own
+    that starts no transition (the bootstrap at truncation needs it). `history[i]` = min(steps into the
+    episode, 3) says how far back the stack of slot i may reach: never across an episode start (there the
+    first frame repeats, as FrameStack does). So each frame is stored once, not 8 times as (s, s') stacks.
+
+    A slot is sampled only if it starts a transition, its s_{t+1} has been written (not the newest slot) and
+    no frame of its stack has been overwritten by the write pointer. Sampling is randint over the filled
+    slots, redrawing the few invalid ones; the frames live in pinned memory on CUDA so a batch is copied
+    to the device asynchronously.
+    """
+
+    def __init__(self, capacity: int, device: torch.device, seed):
+        needed = capacity * (FRAME_SIZE * FRAME_SIZE + 8 + 4 + 3)
+        available = available_memory_bytes()
+        if available is not None and needed > available:
+            raise ConfigError(f"a replay of {capacity:,} frames needs {needed / 1e9:.2f} GB but only "
+                              f"{available / 1e9:.2f} GB is available; pass a smaller --buffer-size")
+        self.capacity, self.device = capacity, device
+        self.pinned = device.type == "cuda"
+        # zeros, not empty: touch every page now, so a buffer that cannot fit fails here, not hours later
+        self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.bool_)
+        self.history = np.zeros(capacity, dtype=np.uint8)
+        self.starts_transition = np.zeros(capacity, dtype=np.bool_)
+        self.position = 0  # next slot to write: the oldest one once the ring is full
+        self.size = 0
+        self.episode_steps = 0
+        self.rng = np.random.default_rng(seed)
+        self.staging = torch.empty((0,), dtype=torch.uint8, pin_memory=self.pinned)
+        self.copy_done = None
+        self.nbytes = self.frames.nbytes + sum(a.nbytes for a in (self.actions, self.rewards, self.terminated,
+                                                                  self.history, self.starts_transition))
+
+    def _write(self, frame: torch.Tensor, starts_transition: bool) -> int:
+        i = self.position
+        self.frames[i].copy_(frame)
+        self.history[i] = min(self.episode_steps, STACK - 1)
+        self.starts_transition[i] = starts_transition
+        self.position = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        return i
+
+    def add(self, frame: torch.Tensor, action: int, reward: float, terminated: bool,
+            episode_end: bool, next_frame: torch.Tensor) -> int:
+        """Stores (s_t's newest frame, a_t, r_t, terminated); at an episode's end also s_{t+1}'s final frame.
+        Returns the slot of the transition."""
+        i = self._write(frame, True)
+        self.actions[i], self.rewards[i], self.terminated[i] = action, reward, terminated
+        self.episode_steps += 1
+        if episode_end:
+            self._write(next_frame, False)
+            self.episode_steps = 0
+        return i
+
+    def valid(self, idx: np.ndarray) -> np.ndarray:
+        newest = (self.position - 1) % self.capacity
+        # (i - position) mod capacity counts the intact slots older than i: the stack needs history[i] of them
+        intact_behind = (idx - self.position) % self.capacity
+        if self.size < self.capacity:
+            intact_behind = idx
+        return self.starts_transition[idx] & (idx != newest) & (intact_behind >= self.history[idx])
+
+    def sample_indices(self, batch_size: int) -> np.ndarray:
+        idx = self.rng.integers(0, self.size, size=batch_size)
+        invalid = ~self.valid(idx)
+        while invalid.any():  # a few slots per episode are invalid; redraw only those
+            idx[invalid] = self.rng.integers(0, self.size, size=int(invalid.sum()))
+            invalid = ~self.valid(idx)
+        return idx
+
+    def stack_slots(self, idx: np.ndarray) -> np.ndarray:
+        """(batch, 4) slots of the stacks ending at idx, oldest first, cut at the episode start."""
+        back = np.minimum(np.arange(STACK - 1, -1, -1)[None, :], self.history[idx][:, None].astype(np.int64))
+        return (idx[:, None] - back) % self.capacity
+
+    def sample(self, batch_size: int, idx: Optional[np.ndarray] = None):
+        """(obs, actions, rewards, next_obs, terminated) on the device; obs are uint8 (batch, 4, 84, 84)."""
+        if idx is None:
+            idx = self.sample_indices(batch_size)
+        following = (idx + 1) % self.capacity
+        slots = np.concatenate([self.stack_slots(idx), self.stack_slots(following)], axis=1)
+        flat_slots = torch.from_numpy(slots.reshape(-1))
+        if self.pinned:  # gather into pinned staging, then copy to the GPU without blocking the CPU
+            if self.copy_done is not None:
+                self.copy_done.synchronize()  # the previous batch has left the staging buffer
+            if self.staging.shape != (len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE):
+                self.staging = torch.empty((len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8,
+                                           pin_memory=True)
+            torch.index_select(self.frames, 0, flat_slots, out=self.staging.view(-1, FRAME_SIZE, FRAME_SIZE))
+            stacks = self.staging.to(self.device, non_blocking=True)
+            self.copy_done = torch.cuda.Event()
+            self.copy_done.record()
+        else:
+            stacks = self.frames.index_select(0, flat_slots).view(len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE)
+        small = [torch.from_numpy(array[idx]).to(self.device) for array in (self.actions, self.rewards)]
+        terminated = torch.from_numpy(self.terminated[idx].astype(np.float32)).to(self.device)
+        return stacks[:, :STACK], small[0], small[1], stacks[:, STACK:], terminated
+
+    def state(self) -> dict:
+        arrays = {name: torch.from_numpy(getattr(self, name).copy()) for name in
+                  ("actions", "rewards", "terminated", "history", "starts_transition")}
+        return {"frames": self.frames, **arrays, "position": self.position, "size": self.size,
+                "episode_steps": self.episode_steps, "rng": self.rng.bit_generator.state}
+
+    def load_state(self, state: dict) -> None:
+        if state["frames"].shape != self.frames.shape:
+            raise ConfigError(f"the checkpoint's replay holds {state['frames'].shape[0]:,} frames, "
+                              f"not --buffer-size {self.capacity:,}")
+        self.frames.copy_(state["frames"])
+        for name in ("actions", "rewards", "terminated", "history", "starts_transition"):
+            getattr(self, name)[:] = state[name].numpy()
+        self.position, self.size, self.episode_steps = state["position"], state["size"], state["episode_steps"]
+        self.rng.bit_generator.state = state["rng"]
+
+
+# ---- Network and schedule ----------------------------------------------------------------------------------
+
+
+class QNetwork(nn.Module):
+    """Nature's network: three convolutions and a 512-unit layer over 4 stacked 84x84 frames."""
+
+    def __init__(self, n_actions: int):
+        super().__init__()
+        self.network = nn.Sequential(
+            nn.Conv2d(STACK, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3136, 512), nn.ReLU(),
+            nn.Linear(512, n_actions),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x.float() / 255.0)  # frames travel as uint8 (4x less to copy); scale here
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    """Epsilon at env step t: falls linearly from start_e to end_e over `duration` steps, then stays."""
+    if duration <= 0:  # a run too short to have an annealing window
+        return end_e
+    return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
+
+
+class TargetSync:
+    """Copies the online network into the target network every `every` calls of step() (one per env step)."""
+
+    def __init__(self, q_network: nn.Module, target_network: nn.Module, every: int):
+        self.q_network, self.target_network, self.every = q_network, target_network, every
+        self.steps = 0
+        self.syncs = 0
+
+    def step(self) -> None:
+        self.steps += 1  # the seed's counter was never incremented, so its target network never moved
+        if self.steps % self.every == 0:
+            self.target_network.load_state_dict(self.q_network.state_dict())
+            self.syncs += 1
+
+
+class DeepMindRMSprop(torch.optim.Optimizer):
+    """RMSProp as DeepMind's DQN code defines it (not torch's RMSprop, which adds eps outside the root):
+    g = 0.95 g + 0.05 dw, g2 = 0.95 g2 + 0.05 dw^2, w -= lr * dw / sqrt(g2 - g^2 + 0.01).
+    Their dw is the minibatch's summed gradient; ours is the mean, so it is scaled by `grad_scale`
+    (the batch size) to keep the 0.01 in the root at the same relative size."""
+
+    def __init__(self, params, lr: float, grad_scale: float, decay: float = 0.95, eps: float = 0.01):
+        super().__init__(params, {"lr": lr, "grad_scale": grad_scale, "decay": decay, "eps": eps})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dw = p.grad * group["grad_scale"]
+                state = self.state[p]
+                if not state:
+                    state["g"], state["g2"] = torch.zeros_like(p), torch.zeros_like(p)
+                g, g2, decay = state["g"], state["g2"], group["decay"]
+                g.mul_(decay).add_(dw, alpha=1 - decay)
+                g2.mul_(decay).addcmul_(dw, dw, value=1 - decay)
+                p.addcdiv_(dw, (g2 - g * g + group["eps"]).sqrt_(), value=-group["lr"])
+
+
+def make_optimizer(args: Args, q_network: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "rmsprop":
+        return DeepMindRMSprop(q_network.parameters(), lr=args.learning_rate, grad_scale=args.batch_size)
+    # CleanRL's Adam, fused on CPU too: one kernel for all parameters
+    return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
+
+
+# ---- Update ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()  # the target is a constant: no graph through the target network, so no gradient reaches it
+def td_target(target_network, rewards, next_obs, terminated, gamma: float) -> torch.Tensor:
+    """r + gamma * max_a' Q_target(s', a'), with the bootstrap cut where the episode terminated."""
+    next_q = target_network(next_obs).max(dim=1).values
+    # (1 - terminated): a terminal state has no future. terminated, not truncated: a time limit is not one.
+    return rewards + gamma * next_q * (1.0 - terminated)
+
+
+def td_update(q_network, target_network, optimizer, batch, gamma: float, max_grad_norm: float):
+    """One gradient step on the Huber TD error. Returns (loss, mean Q of the taken actions), both detached."""
+    obs, actions, rewards, next_obs, terminated = batch
+    target = td_target(target_network, rewards, next_obs, terminated, gamma)
+    q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+    # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
+    # (the seed's hand-written version was off by a factor of 2).
+    loss = F.smooth_l1_loss(q_taken, target)
+    PHASES.lap("update: forward")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    PHASES.lap("update: backward")
+    if max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+    optimizer.step()
+    PHASES.lap("update: optimizer")
+    return loss.detach(), q_taken.detach().mean()
+
+
+def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator):
+    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q."""
+    actions = torch.argmax(q_network(obs), dim=1).cpu().numpy()
+    explore = rng.random(len(actions)) < epsilon
+    actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
+    return actions
+
+
+# ---- Evaluation --------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Plays `episodes` full games at once (no life-loss ends, up to 30 no-op starts, 108,000-frame cap),
+    one batched forward pass per step. Each evaluation reseeds its games from (seed, step), so evaluating
+    draws nothing from the training run's random streams and a resumed run evaluates as the original."""
+
+    def __init__(self, args: Args, preprocess: FramePreprocessor, seed: int):
+        self.games = [AtariGame(args.env_id, seed + i, args.frame_skip, args.noop_max, end_on_life_loss=False,
+                                repeat_action_probability=args.repeat_action_probability)
+                      for i in range(args.eval_episodes)]
+        self.epsilon, self.seed, self.preprocess = args.eval_epsilon, seed, preprocess
+
+    @torch.no_grad()
+    def __call__(self, q_network: nn.Module, step: int, video: Optional[list] = None) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        for i, game in enumerate(self.games):
+            game.seed(int(rng.integers(2**31)) + i)
+        first = self.preprocess(np.stack([game.reset() for game in self.games]))
+        stacks = first.unsqueeze(1).repeat(1, STACK, 1, 1)
+        returns = np.zeros(len(self.games))
+        active = np.arange(len(self.games))
+        n_actions = self.games[0].n_actions
+        while len(active):
+            actions = epsilon_greedy(q_network, stacks, self.epsilon, n_actions, rng)
+            raws, still_active = [], []
+            for row, (i, action) in enumerate(zip(active, actions)):
+                raw, _, _, _, game_over = self.games[i].step(int(action))
+                if video is not None and i == 0:
+                    video.append(self.games[0].ale.getScreenRGB())
+                if game_over:
+                    returns[i] = self.games[i].game_return
+                else:
+                    raws.append(raw)
+                    still_active.append(row)
+            active = active[still_active]
+            if len(active):
+                stacks = torch.cat([stacks[still_active, 1:], self.preprocess(np.stack(raws)).unsqueeze(1)], dim=1)
+        return returns
+
+
+def write_gif(path: str, frames: list) -> None:
+    try:
+        from PIL import Image  # only --capture-video needs it
+    except ImportError:
+        raise ConfigError("--capture-video writes a GIF with pillow: pip install pillow") from None
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 15, loop=0)
+
+
+# ---- Checkpoints -------------------------------------------------------------------------------------------
+
+
+CHECKPOINT_FORMAT = "dqn_atari checkpoint 1"
+
+
+def save_atomically(payload: dict, path: str) -> None:
+    """Temporary file, then rename: a crash mid-write leaves the previous file whole."""
+    tmp_path = path + ".tmp"
+    torch.save(payload, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a checkpoint")
+    except FileNotFoundError:
+        raise ConfigError(f"no checkpoint at {path}") from None
+    except Exception as error:  # unpickling, truncation, another file's contents: all mean "not ours"
+        raise ConfigError(f"{path} is not a readable dqn_atari.py checkpoint ({type(error).__name__}); give a "
+                          "checkpoint.pt that dqn_atari.py wrote") from None
+    return checkpoint
+
+
+# numpy's global RNG state holds an ndarray, which torch.load(weights_only=True) refuses: keep it as a tensor
+def numpy_global_state() -> tuple:
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached
+
+
+def set_numpy_global_state(state: tuple) -> None:
+    name, key, pos, has_gauss, cached = state
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """Names of the Args fields set on this command line (tyro spells them --env-id or --no-cuda)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=")[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") and name[3:] in Args.__dataclass_fields__ else name)
+    return names
+
+
+def resumed_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
+    """The checkpoint's flags, but for those in RESUMABLE that this command line gives. Any other flag
+    given with a different value is a mismatch, refused."""
+    saved = checkpoint["args"]
+    for name in sorted(given & set(saved) - RESUMABLE):
+        if getattr(args, name) != saved[name]:
+            raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, not "
+                              f"{getattr(args, name)}; drop the flag to continue it as it was")
+    merged = dict(saved)
+    merged.update({name: getattr(args, name) for name in RESUMABLE & given | {"resume"}})
+    return Args(**merged)
+
+
+# ---- Training ----------------------------------------------------------------------------------------------
+
+
+def make_run_dir(args: Args) -> str:
+    name = args.env_id.replace("/", "-")
+    base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir, suffix = base, 1
+    while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
+        run_dir, suffix = f"{base}-{suffix}", suffix + 1
+    os.makedirs(run_dir)
+    return run_dir
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def open_eval_csv(run_dir: str, resume_step: Optional[int]):
+    """eval.csv of this run; a resumed run drops rows past its checkpoint (an interrupted run's tail)."""
+    path = os.path.join(run_dir, "eval.csv")
+    header = ["step", "eval_mean", "eval_std", "episodes", "wall_seconds"]
+    rows = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path, newline="") as old:
+            rows = [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= resume_step]
+    with open(path + ".tmp", "w", newline="") as new:
+        csv.writer(new).writerows([header] + rows)
+    os.replace(path + ".tmp", path)
+    eval_file = open(path, "a", newline="")
+    return eval_file, csv.writer(eval_file)
+
+
+def train(args: Args, argv: Optional[list[str]] = None) -> dict:
+    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir and replay."""
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        args = resumed_args(args, checkpoint, flags_given(argv or []))
+    check_args(args)
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, end_on_life_loss=True,
+                     repeat_action_probability=args.repeat_action_probability)
+    n_actions = game.n_actions
+    preprocess = FramePreprocessor(game.raw.shape[1:], device)
+    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
+
+    q_network = QNetwork(n_actions).to(device)
+    target_network = QNetwork(n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_network.requires_grad_(False)
+    target_sync = TargetSync(q_network, target_network, args.target_network_frequency)
+    optimizer = make_optimizer(args, q_network)
+    # streams of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_stream, action_stream = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_stream)
+    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
+          f"{' pinned' if replay.pinned else ''}", flush=True)
+    action_rng = np.random.default_rng(action_stream)
+    frame_stack = FrameStack(device)
+
+    start_step, updates_begin_at, wall_before = 1, args.learning_starts, 0.0
+    # fixed when the run starts: a resumed run given a longer --total-timesteps keeps its epsilon schedule
+    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    if checkpoint is not None:
+        try:
+            q_network.load_state_dict(checkpoint["q_network"])
+            target_network.load_state_dict(checkpoint["target_network"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ConfigError(f"{args.resume} does not fit this network or optimizer ({str(error).splitlines()[0]})")
+        game.load_state(checkpoint["game"])
+        frame_stack.frames = checkpoint["frame_stack"].to(device)
+        action_rng.bit_generator.state = checkpoint["action_rng"]
+        random.setstate(checkpoint["python_rng"])
+        set_numpy_global_state(checkpoint["numpy_rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        target_sync.steps, target_sync.syncs = checkpoint["target_sync"]
+        start_step, wall_before = checkpoint["global_step"] + 1, checkpoint["wall_seconds"]
+        exploration_steps = checkpoint["exploration_steps"]
+        if checkpoint.get("replay") is not None:
+            replay.load_state(checkpoint["replay"])
+            updates_begin_at = checkpoint["updates_begin_at"]
+        else:  # no replay saved: refill before learning again, rather than overfit a near-empty buffer
+            updates_begin_at = max(checkpoint["updates_begin_at"], checkpoint["global_step"] + args.learning_starts)
+            print(f"the checkpoint has no replay: collecting {args.learning_starts:,} steps before updates "
+                  "resume", flush=True)
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        print(f"resuming {run_dir} at step {start_step - 1:,}", flush=True)
+    else:
+        run_dir = make_run_dir(args)
+
+    resume_step = start_step - 1 if checkpoint is not None else None
+    writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint is not None else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                        "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+    eval_file, eval_csv = open_eval_csv(run_dir, resume_step)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    def run_evaluation(step: int) -> np.ndarray:
+        video = [] if args.capture_video else None
+        returns = evaluate(q_network, step, video)
+        writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
+                           f"{wall_before + time.time() - start_time:.2f}"])
+        eval_file.flush()
+        if video:
+            os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+            write_gif(os.path.join(run_dir, "videos", f"eval_step{step}.gif"), video)
+        return returns
+
+    def write_checkpoint(step: int) -> None:
+        save_atomically({
+            "format": CHECKPOINT_FORMAT, "args": vars(args), "global_step": step,
+            "wall_seconds": wall_before + time.time() - start_time, "updates_begin_at": updates_begin_at,
+            "exploration_steps": exploration_steps,
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "target_sync": (target_sync.steps, target_sync.syncs),
+            "game": game.state(), "frame_stack": frame_stack.frames.cpu(),
+            "action_rng": action_rng.bit_generator.state, "python_rng": random.getstate(),
+            "numpy_rng": numpy_global_state(), "torch_rng": torch.get_rng_state(),
+            "replay": replay.state() if args.checkpoint_replay else None,
+        }, checkpoint_path)
+
+    # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
+    stop_signal = []
+    previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    game_returns = []
+    recent_returns = deque(maxlen=100)
+    last_eval = float("nan")
+    if checkpoint is None:
+        obs = frame_stack.reset(preprocess(game.reset()))
+    else:
+        obs = frame_stack.frames
+    recorders = start_py_spy(run_dir) if args.py_spy else []
+    torch_profiler = None
+    if args.torch_profiler:  # 5 updates skipped, 2 warming up, 10 traced
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        trace_path = os.path.join(run_dir, "torch_trace.json")
+        torch_profiler = torch.profiler.profile(
+            activities=activities, schedule=torch.profiler.schedule(wait=5, warmup=2, active=10, repeat=1),
+            on_trace_ready=lambda profiler: profiler.export_chrome_trace(trace_path), record_shapes=True)
+        torch_profiler.start()
+    start_time = time.time()
+    PHASES.start(device)
+    final_returns = None
+    global_step = start_step - 1  # a resumed run with nothing left to do
+    for global_step in range(start_step, args.total_timesteps + 1):
+        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
+        if action_rng.random() < epsilon:
+            action = int(action_rng.integers(n_actions))
+        else:
+            with torch.no_grad():
+                action = int(q_network(obs.unsqueeze(0)).argmax())
+        PHASES.lap("action selection")
+        raw, reward, terminated, truncated, game_over = game.step(action)
+        PHASES.lap("env step")
+        frame = preprocess(raw)
+        PHASES.lap("preprocessing")
+        # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
+        # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
+        replay.add(obs[-1], action, float(np.sign(reward)), terminated, terminated or truncated, frame)
+        PHASES.lap("replay add")
+        if terminated or truncated:
+            if game_over:
+                writer.add_scalar("charts/episodic_return", game.game_return, global_step)
+                writer.add_scalar("charts/episodic_length", game.game_length, global_step)
+                recent_returns.append(game.game_return)
+                game_returns.append(game.game_return)
+            PHASES.lap("logging")
+            raw = game.reset()
+            PHASES.lap("env step")
+            obs = frame_stack.reset(preprocess(raw))
+        else:
+            obs = frame_stack.push(frame)
+        PHASES.lap("preprocessing")
+
+        if global_step > updates_begin_at and global_step % args.train_frequency == 0:
+            batch = replay.sample(args.batch_size)
+            PHASES.lap("sampling and transfer")
+            loss, q_mean = td_update(q_network, target_network, optimizer, batch, args.gamma, args.max_grad_norm)
+            if torch_profiler is not None:
+                torch_profiler.step()
+            if global_step % LOG_EVERY < args.train_frequency:
+                writer.add_scalar("losses/td_loss", loss.item(), global_step)
+                writer.add_scalar("losses/q_values", q_mean.item(), global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("charts/SPS", int((global_step - start_step + 1) / (time.time() - start_time)),
+                                  global_step)
+                PHASES.lap("logging")
+        target_sync.step()
+        PHASES.lap("target sync")
+
+        if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
+            last_eval = run_evaluation(global_step).mean()
+            PHASES.lap("evaluation")
+        if args.progress_every and global_step % args.progress_every == 0:
+            elapsed = time.time() - start_time
+            steps_done = global_step - start_step + 1
+            recent = np.mean(recent_returns) if recent_returns else float("nan")
+            print(f"step {global_step:>9}/{args.total_timesteps} | SPS {steps_done / elapsed:5.0f} | "
+                  f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
+                  f"ETA {elapsed * (args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
+            PHASES.lap("logging")
+        if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
+            write_checkpoint(global_step)
+            PHASES.lap("checkpoint")
+        if stop_signal:
+            print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
+                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)
+            break
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    if torch_profiler is not None:
+        torch_profiler.stop()
+        print(f"torch.profiler trace: {trace_path}" if os.path.exists(trace_path) else
+              "torch.profiler: fewer than 17 updates, no trace written", flush=True)
+    stop_py_spy(recorders)
+    if recorders:
+        print(f"py-spy: {os.path.join(run_dir, 'py-spy.svg')} and py-spy.speedscope.json", flush=True)
+    steps_run = global_step - start_step + 1
+    if steps_run > 0:
+        profile = PHASES.table(steps_run)
+        print(f"where the time went, over {steps_run:,} env steps on {device}:\n{profile}", flush=True)
+        writer.add_text("profile", "<pre>" + profile + "</pre>", global_step)
+        for phase, seconds in PHASES.totals.items():
+            writer.add_scalar(f"profile/{phase.replace(': ', '_').replace(' ', '_')}_ms_per_step",
+                              1000 * seconds / steps_run, global_step)
+
+    if not stop_signal:
+        final_returns = run_evaluation(args.total_timesteps)
+        print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
+              f"{final_returns.std():.2f} (wall {wall_before + time.time() - start_time:.1f}s)", flush=True)
+        if args.save_model:
+            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id,
+                             "n_actions": n_actions}, model_path)
+            print(f"model saved to {model_path}")
+    eval_file.close()
+    writer.close()
+    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": run_dir,
+            "replay": replay, "q_network": q_network, "global_step": global_step}
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    try:
+        if args.cprofile:
+            profiler = cProfile.Profile()
+            result = profiler.runcall(train, args, sys.argv[1:])
+            path = os.path.join(result["run_dir"], "cprofile.prof")
+            profiler.dump_stats(path)
+            print(f"cProfile: {path} (snakeviz or pstats to read it); top 25 by own time:")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        else:
+            train(args, sys.argv[1:])
+    except ConfigError as error:
+        sys.exit(f"dqn_atari_profiled.py: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""dqn_atari_profiled.py: the same algorithm as dqn_atari.py (the diff is only the harness), a phase table
+that accounts for the whole loop, and the cProfile, torch.profiler and py-spy outputs."""
+
+import difflib
+import os
+import shutil
+import sys
+
+import pytest
+
+from script_runner import REPO, run_script
+
+# Lines of dqn_atari.py the harness replaces: the docstring's first line, an import it extends, the short
+# run's defaults, the resumable flags it adds to, the calls it splits to time them, and main.
+REPLACED = {
+    '"""Nature DQN (Mnih et al. 2015) on Atari through gymnasium and ale-py, in one file.',
+    "from collections import deque",
+    "total_timesteps: int = 10_000_000",
+    '"""total environment (agent) steps of training; one step is frame_skip emulator frames"""',
+    "buffer_size: int = 1_000_000",
+    '"""replay capacity in frames (one 84x84 uint8 frame per transition, 7.06 GB for 1M)"""',
+    "learning_starts: int = 80_000",
+    '"""env steps of pure collection before the first gradient step (Nature: 50,000)"""',
+    "eval_every: int = 250_000",
+    "eval_episodes: int = 10",
+    "progress_every: int = 10_000",
+    '"checkpoint_every", "checkpoint_replay", "resume", "cuda", "save_model"}',
+    "obs = frame_stack.reset(preprocess(game.reset()))",
+    "loss, q_mean = td_update(q_network, target_network, optimizer, replay.sample(args.batch_size),",
+    "args.gamma, args.max_grad_norm)",
+    "train(args, sys.argv[1:])",
+    'sys.exit(f"dqn_atari.py: error: {error}")',
+}
+TINY = ["--total-timesteps", "600", "--learning-starts", "300", "--buffer-size", "2000", "--eval-episodes", "1",
+        "--no-cuda", "--runs-dir", "runs"]
+PHASES = ["action selection", "env step", "preprocessing", "replay add", "sampling and transfer",
+          "update: forward", "update: backward", "update: optimizer", "target sync", "logging"]
+
+
+def test_the_diff_with_dqn_atari_is_only_the_harness():
+    plain = (REPO / "dqn_atari.py").read_text().splitlines()
+    profiled = (REPO / "dqn_atari_profiled.py").read_text().splitlines()
+    removed = {line[2:].strip() for line in difflib.ndiff(plain, profiled) if line.startswith("- ")}
+    assert removed <= REPLACED, f"dqn_atari.py lines missing from the profiled copy: {removed - REPLACED}"
+
+
+def test_phase_table_accounts_for_the_whole_loop_and_cprofile_and_torch_profiler_write(tmp_path):
+    finished = run_script("dqn_atari_profiled.py", *TINY, "--cprofile", "--torch-profiler", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    table = finished.stdout.split("where the time went, over 600 env steps on cpu:")[1]
+    rows = {line[:28].strip(): line[28:].split() for line in table.splitlines()[2:] if line[:28].strip()}
+    for phase in PHASES:
+        assert phase in rows, phase
+    shares = [float(row[1].rstrip("%")) for name, row in rows.items() if name in PHASES or name == "total"]
+    assert shares[-1] == 100.0 and sum(shares[:-1]) == pytest.approx(100.0, abs=0.5)
+    assert int(rows["env step"][2]) >= 600  # 600 steps, and each game reset is env time too
+    assert rows["update: backward"][2] == "75"  # one update every 4 steps after step 300
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "cprofile.prof").stat().st_size > 0 and "Ordered by: internal time" in finished.stdout
+    assert (run_dir / "torch_trace.json").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("py-spy") is None and
+                    shutil.which("py-spy", path=os.path.dirname(sys.executable)) is None,
+                    reason="py-spy is not installed (requirements-dev.txt)")
+def test_py_spy_records_a_flamegraph_and_a_speedscope_profile(tmp_path):
+    finished = run_script("dqn_atari_profiled.py", *TINY, "--py-spy", cwd=tmp_path)
+    if "py-spy could not record this process" in finished.stderr:
+        pytest.skip(f"py-spy may not attach on this machine: {finished.stderr.strip().splitlines()[-1]}")
+    assert finished.returncode == 0, finished.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "py-spy.svg").read_text().lstrip().startswith("<?xml")
+    assert (run_dir / "py-spy.speedscope.json").stat().st_size > 0
