@@ -1,6 +1,7 @@
 """benchmark/run.py: the statistics it reports, the files it writes, and one tiny real multi-seed run."""
 
 import csv
+import json
 import math
 import signal
 import subprocess
@@ -121,3 +122,19 @@ def test_report_from_finished_run_directories(tmp_path):
 
     with pytest.raises(SystemExit):
         bench.main(["--from-runs", str(tmp_path / "runs"), "--out", str(out)])
+
+
+def test_speed_comparison_end_to_end(tmp_path):
+    """Both programs really run, interleaved, and the report holds their medians and ratio. The dev
+    environment has SB3 installed, so it stands in for the reference environment --setup makes."""
+    out = tmp_path / "speed"
+    command = [sys.executable, str(REPO / "benchmark" / "speed.py"), "--learning-starts", "300", "--steps", "300",
+               "--buffer-size", "2000", "--repeats", "2", "--threads", "1", "--reference-python", sys.executable,
+               "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert [line.split(":")[0] for line in finished.stdout.splitlines() if line.startswith("round")] == [
+        "round 1/2 dqn_atari.py", "round 1/2 sb3", "round 2/2 dqn_atari.py", "round 2/2 sb3"]
+    report = json.loads((out / "speed.json").read_text())
+    assert set(report["medians"]) == {"dqn_atari.py", "sb3"} and min(report["medians"].values()) > 0
+    assert "| dqn_atari.py |" in (out / "summary.md").read_text()

@@ -1,0 +1,167 @@
+"""Speed, side by side: dqn_atari.py against Stable-Baselines3's DQN (and CleanRL's dqn_atari.py, given a
+checkout), with identical hyperparameters, run interleaved and repeated, each with the same threads on the
+same cores. Reports the median learning-phase SPS of each, the ratio, peak RSS and replay bytes.
+
+    python benchmark/speed.py --setup                   # once: SB3 into its own environment, benchmark/.sb3-venv
+    python benchmark/speed.py --repeats 5 --out benchmark/results/speed-cpu [--cleanrl PATH] [-- dqn_atari.py flags]
+
+Learning-phase SPS: env steps per second from the first step after learning starts to the last, read from
+each run's own clock (tensorboard event times of charts/SPS for dqn_atari.py and CleanRL, a callback for SB3).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from run import git_commit, machine_description
+
+REPO = Path(__file__).resolve().parent.parent
+SB3_VENV = REPO / "benchmark" / ".sb3-venv"
+# what the reference environment needs; torch pinned as ours, so both run the same kernels
+SB3_REQUIREMENTS = ["torch==2.13.0", "stable-baselines3==2.9.2", "gymnasium>=1.0,<2", "ale-py>=0.9,<1",
+                    "opencv-python-headless", "tensorboard", "tyro"]
+
+
+def setup_reference() -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(SB3_VENV)], check=True)
+    subprocess.run([str(SB3_VENV / "bin" / "python"), "-m", "pip", "install", *SB3_REQUIREMENTS], check=True)
+    print(f"reference environment ready: {SB3_VENV}")
+
+
+def learning_sps_from_events(run_dir: Path, learning_starts: int) -> float:
+    """Steps per second between the first charts/SPS event after learning starts and the last one."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [e for e in EventAccumulator(str(run_dir)).Reload().Scalars("charts/SPS") if e.step > learning_starts]
+    if len(events) < 2:
+        raise RuntimeError(f"{run_dir}: too few SPS events after learning starts to time the learning phase")
+    return (events[-1].step - events[0].step) / (events[-1].wall_time - events[0].wall_time)
+
+
+def run_measured(command: list, threads: int, cores: set, log_path: Path):
+    """Runs a command with `threads` torch threads on `cores`; returns (stdout, peak RSS in bytes)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                   preexec_fn=lambda: os.sched_setaffinity(0, cores))
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed ({process.returncode}); see {log_path}")
+    return stdout, usage.ru_maxrss * 1024
+
+
+def programs(args, work: Path) -> dict:
+    """name -> function(repeat) returning (learning SPS, replay bytes or None, peak RSS)."""
+    shared = ["--env-id", args.env_id, "--total-timesteps", str(args.learning_starts + args.steps),
+              "--learning-starts", str(args.learning_starts), "--buffer-size", str(args.buffer_size),
+              "--batch-size", "32", "--train-frequency", "4", "--target-network-frequency", "1000"]
+    cuda = [] if args.cuda else ["--no-cuda"]
+
+    def ours(repeat):
+        runs_dir = work / f"ours-{repeat}"
+        command = [sys.executable, str(REPO / "dqn_atari.py"), *shared, "--max-grad-norm", "10", *cuda,
+                   "--eval-every", "0", "--eval-episodes", "1", "--progress-every", "0", "--runs-dir",
+                   str(runs_dir), *args.extra]
+        stdout, rss = run_measured(command, args.threads, args.cores, work / f"ours-{repeat}.log")
+        replay_gb = float(stdout.split("uint8, ")[1].split(" GB")[0])
+        return learning_sps_from_events(next(runs_dir.iterdir()), args.learning_starts), replay_gb * 1e9, rss
+
+    def sb3(repeat):
+        command = [str(args.reference_python), str(REPO / "benchmark" / "sb3_dqn_atari.py"), *shared,
+                   *(["--cuda"] if args.cuda else [])]
+        stdout, rss = run_measured(command, args.threads, args.cores, work / f"sb3-{repeat}.log")
+        result = json.loads(stdout.strip().splitlines()[-1])
+        return result["learning_sps"], result["replay_bytes"], rss
+
+    def cleanrl(repeat):
+        runs_dir = work / f"cleanrl-{repeat}"
+        command = [str(args.reference_python), str(Path(args.cleanrl) / "cleanrl" / "dqn_atari.py"), *shared,
+                   "--no-capture-video", f"--cuda={args.cuda}"]
+        run_measured(command, args.threads, args.cores, work / f"cleanrl-{repeat}.log")
+        # CleanRL writes runs/ under its working directory
+        run_dir = max((Path.cwd() / "runs").glob(f"{args.env_id}__dqn_atari__*"), key=os.path.getmtime)
+        sps = learning_sps_from_events(run_dir, args.learning_starts)
+        return sps, None, None
+
+    found = {"dqn_atari.py": ours, "sb3": sb3}
+    if args.cleanrl:
+        found["cleanrl"] = cleanrl
+    return found
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", action="store_true", help="create the reference environment and exit")
+    parser.add_argument("--env-id", default="BreakoutNoFrameskip-v4")
+    parser.add_argument("--learning-starts", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=5000, help="env steps timed after learning starts")
+    parser.add_argument("--buffer-size", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each round runs every program once")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--cuda", action="store_true", help="train on the GPU (both programs)")
+    parser.add_argument("--cleanrl", help="a CleanRL checkout: also time its cleanrl/dqn_atari.py")
+    parser.add_argument("--reference-python", type=Path, default=SB3_VENV / "bin" / "python",
+                        help="the python of the reference environment (default: made by --setup)")
+    parser.add_argument("--out", help="folder for speed.json and summary.md")
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1:]
+    if args.setup:
+        return setup_reference()
+    if not args.reference_python.exists():
+        parser.error(f"no reference environment at {args.reference_python}: run `python benchmark/speed.py --setup`")
+    if args.cleanrl and not (Path(args.cleanrl) / "cleanrl" / "dqn_atari.py").is_file():
+        parser.error(f"{args.cleanrl} is not a CleanRL checkout (no cleanrl/dqn_atari.py)")
+    if not args.out:
+        parser.error("--out is required")
+    args.cores = set(sorted(os.sched_getaffinity(0))[:args.threads])
+
+    samples = {}
+    with tempfile.TemporaryDirectory(prefix="dqn-speed-") as work:
+        runners = programs(args, Path(work))
+        for repeat in range(args.repeats):  # interleaved: machine noise falls on every program alike
+            for name, runner in runners.items():
+                started = time.perf_counter()
+                sps, replay_bytes, rss = runner(repeat)
+                samples.setdefault(name, []).append({"learning_sps": sps, "replay_bytes": replay_bytes,
+                                                     "peak_rss_bytes": rss})
+                print(f"round {repeat + 1}/{args.repeats} {name}: {sps:.1f} SPS in the learning phase "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+    medians = {name: statistics.median(s["learning_sps"] for s in runs) for name, runs in samples.items()}
+    lines = ["| program | median learning-phase SPS | ratio dqn_atari.py / program | peak RSS | replay |",
+             "|---|---|---|---|---|"]
+    for name, runs in samples.items():
+        rss = max((s["peak_rss_bytes"] or 0) for s in runs)
+        replay = runs[0]["replay_bytes"]
+        lines.append(f"| {name} | {medians[name]:.1f} | {medians['dqn_atari.py'] / medians[name]:.2f} | "
+                     f"{f'{rss / 1e9:.2f} GB' if rss else 'n/a'} | {f'{replay / 1e9:.3f} GB' if replay else 'n/a'} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    (out / "speed.json").write_text(json.dumps({"samples": samples, "medians": medians}, indent=1))
+    (out / "summary.md").write_text(
+        f"# Learning-phase speed, {args.env_id}\n\n{table}\n\n"
+        f"- command (from the repository root): `{command}`\n"
+        f"- commit: {git_commit([REPO / 'dqn_atari.py', Path(__file__), REPO / 'benchmark' / 'sb3_dqn_atari.py'])}\n"
+        f"- machine: {machine_description()}; device: {'cuda' if args.cuda else 'cpu'}\n"
+        f"- {args.repeats} interleaved rounds; each run {args.threads} torch thread(s) on cores "
+        f"{sorted(args.cores)}; {args.learning_starts} steps before learning, {args.steps} timed after; "
+        f"batch 32, train every 4, target sync 1000, buffer {args.buffer_size}, gradient norm clipped at 10 "
+        f"(SB3 always clips; CleanRL never does)\n- python {platform.python_version()}\n")
+
+
+if __name__ == "__main__":
+    main()
