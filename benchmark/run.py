@@ -133,23 +133,30 @@ def write_env_outputs(out: Path, env_id: str, results: list, threshold) -> dict:
 
 
 def plot_curves(path: Path, env_id: str, results: list, threshold) -> None:
+    plot_groups(path, env_id, [(None, results)], threshold)
+
+
+def plot_groups(path: Path, title: str, groups: list, threshold) -> None:
+    """One mean curve with a one-standard-error band per (label, results) group, each seed faint."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = np.array([int(row["step"]) for row in results[0].curve])
-    curves = np.array([[float(row["eval_mean"]) for row in r.curve] for r in results])
-    mean = curves.mean(axis=0)
-    se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for curve in curves:
-        ax.plot(steps, curve, color="tab:blue", alpha=0.15, linewidth=0.8)
-    ax.plot(steps, mean, color="tab:blue", label=f"mean of {len(curves)} seeds" if len(curves) > 1 else
-            "one seed: no spread shown")
-    ax.fill_between(steps, mean - se, mean + se, color="tab:blue", alpha=0.3, label="± 1 standard error")
+    for (label, results), color in zip(groups, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        steps = np.array([int(row["step"]) for row in results[0].curve])
+        curves = np.array([[float(row["eval_mean"]) for row in r.curve] for r in results])
+        mean = curves.mean(axis=0)
+        se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
+        for curve in curves:
+            ax.plot(steps, curve, color=color, alpha=0.15, linewidth=0.8)
+        seeds = f"mean of {len(curves)} seeds" if len(curves) > 1 else "one seed: no spread shown"
+        ax.plot(steps, mean, color=color, label=f"{label}: {seeds}" if label else seeds)
+        ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.3,
+                        label=f"{label}: ± 1 standard error" if label else "± 1 standard error")
     if threshold is not None:
         ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax.set(title=env_id, xlabel="env steps", ylabel="eval episodic return")
+    ax.set(title=title, xlabel="env steps", ylabel="eval episodic return")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -138,3 +138,20 @@ def test_speed_comparison_end_to_end(tmp_path):
     report = json.loads((out / "speed.json").read_text())
     assert set(report["medians"]) == {"dqn_atari.py", "sb3"} and min(report["medians"].values()) > 0
     assert "| dqn_atari.py |" in (out / "summary.md").read_text()
+
+
+def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
+    import compare
+
+    for name, finals in (("a", [[20, 480], [30, 500]]), ("b", [[10, 100], [40, 300]])):
+        (tmp_path / name).mkdir()
+        results = [fake_result(seed, curve) for seed, curve in enumerate(finals, start=1)]
+        bench.write_env_outputs(tmp_path / name, "CartPole-v1", results, threshold=475)
+    out = tmp_path / "both"
+    compare.main(["--out", str(out), f"ours={tmp_path / 'a'}", f"theirs={tmp_path / 'b'}"])
+    summary = (out / "summary.md").read_text()
+    assert "| ours | 2 | 490.00 ± 10.00 | 480.0, 500.0 |" in summary
+    assert "| theirs | 2 | 200.00 ± 100.00 | 100.0, 300.0 |" in summary
+    assert (out / "CartPole-v1.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(out), f"missing={tmp_path / 'nothing'}"])

@@ -1,0 +1,65 @@
+"""Two or more benchmark/run.py results side by side: every program's mean eval curve with its one-standard-
+error band in one PNG, and a table of final evals.
+
+    python benchmark/compare.py --env-id CartPole-v1 --out benchmark/results/cartpole-vs-sb3 \
+        dqn.py=benchmark/results/cartpole sb3=benchmark/results/cartpole-sb3
+"""
+
+import argparse
+import csv
+import os
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from run import REPO, RunResult, file_stem, mean_and_se, plot_groups
+
+
+def load_results(folder: Path, env_id: str) -> list:
+    """The per-seed curves a run.py folder holds for env_id, as RunResults."""
+    path = folder / f"{file_stem(env_id)}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a benchmark/run.py result for {env_id}")
+    curves = defaultdict(list)
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            curves[int(row["seed"])].append(row)
+    return [RunResult(env_id, seed, float(rows[-1]["wall_seconds"]), rows) for seed, rows in sorted(curves.items())]
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env-id", default="CartPole-v1")
+    parser.add_argument("--threshold", type=float, default=None, help="a dashed line at this return")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("programs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run.py results folder")
+    args = parser.parse_args(argv)
+    groups = []
+    for item in args.programs:
+        label, _, folder = item.partition("=")
+        if not folder:
+            parser.error(f"{item!r}: give LABEL=FOLDER")
+        try:
+            groups.append((label, load_results(Path(folder), args.env_id)))
+        except FileNotFoundError as error:
+            parser.error(str(error))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_groups(out / f"{file_stem(args.env_id)}.png", args.env_id, groups, args.threshold)
+    lines = ["| program | seeds | final eval mean ± SE | per-seed finals |", "|---|---|---|---|"]
+    for label, results in groups:
+        mean, se = mean_and_se([r.final for r in results])
+        finals = ", ".join(f"{r.final:.1f}" for r in results)
+        lines.append(f"| {label} | {len(results)} | {mean:.2f} ± {se:.2f} | {finals} |")
+    table = "\n".join(lines)
+    print(table)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    (out / "summary.md").write_text(f"# {args.env_id}: {', '.join(label for label, _ in groups)}\n\n{table}\n\n"
+                                    f"- command (from the repository root): `{command}`\n"
+                                    "- each folder's summary.md gives its own command, commit and machine\n")
+
+
+if __name__ == "__main__":
+    main()
