@@ -409,6 +409,7 @@ class FrameReplay:
             self.copy_done.record()
         else:
             stacks = self.frames.index_select(0, flat_slots).view(len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE)
+            stacks = stacks.to(self.device)  # a no-op on the CPU; any other device gets its batch
         small = [torch.from_numpy(array[idx]).to(self.device) for array in (self.actions, self.rewards)]
         terminated = torch.from_numpy(self.terminated[idx].astype(np.float32)).to(self.device)
         return stacks[:, :STACK], small[0], small[1], stacks[:, STACK:], terminated

@@ -236,6 +236,14 @@ def test_run_writes_eval_curve_and_tensorboard_tags(tmp_path):
     assert expected <= set(events.Tags()["scalars"])
 
 
+def test_replay_batches_land_on_the_training_device():
+    """Seed bug: tensors left on the CPU. Checked without a GPU on torch's `meta` device: a batch that skips
+    the move to the device stays on the CPU."""
+    replay = dqn.ReplayBuffer(16, 3, torch.device("meta"), seed=0)
+    replay.add(np.zeros(3), 1, 1.0, np.ones(3), False)
+    assert all(part.device.type == "meta" for part in replay.sample(4))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to check device placement")
 def test_everything_runs_on_the_gpu_when_there_is_one(tmp_path):
     """Seed bug: tensors left on the CPU while the network was on the GPU."""

@@ -414,3 +414,15 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and "final eval over 1 games" in resumed.stdout
     assert "the checkpoint has no replay: collecting 100 steps" in resumed.stdout
+
+
+def test_batches_and_preprocessed_frames_land_on_the_training_device():
+    """Seed bugs: tensors left on the CPU, and preprocessing on the CPU when the GPU is there. Checked
+    without a GPU on torch's `meta` device: a tensor that skips the move to the device stays on the CPU."""
+    meta = torch.device("meta")
+    replay = atari.FrameReplay(64, meta, seed=0)
+    for t in range(64):
+        replay.add(frame_with_id(t), 0, 0.0, False, False, frame_with_id(t + 1))
+    assert all(part.device == meta for part in replay.sample(8))
+    frame = atari.FramePreprocessor((210, 160), meta)(np.zeros((2, 210, 160), np.uint8))
+    assert frame.device == meta and frame.shape == (84, 84)
