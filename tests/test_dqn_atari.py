@@ -424,5 +424,26 @@ def test_batches_and_preprocessed_frames_land_on_the_training_device():
     for t in range(64):
         replay.add(frame_with_id(t), 0, 0.0, False, False, frame_with_id(t + 1))
     assert all(part.device == meta for part in replay.sample(8))
-    frame = atari.FramePreprocessor((210, 160), meta)(np.zeros((2, 210, 160), np.uint8))
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class OutputDevices(TorchDispatchMode):
+        """Records the device of every tensor each torch operation makes."""
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen += [(str(func), t.device.type) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            return out
+
+    preprocess = atari.FramePreprocessor((210, 160), meta)
+    with OutputDevices() as ops:
+        frame = preprocess(np.zeros((2, 210, 160), np.uint8))
     assert frame.device == meta and frame.shape == (84, 84)
+    # only the raw frames' arrival from the emulator (lift_fresh: numpy to tensor) may be on the CPU
+    computed = [(op, device) for op, device in ops.seen if "lift_fresh" not in op]
+    assert any("amax" in op for op, _ in computed) and any(".mm." in op for op, _ in computed)
+    assert all(device == "meta" for _, device in computed), f"work done off the device: {computed}"

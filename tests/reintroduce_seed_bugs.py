@@ -1,0 +1,87 @@
+"""Puts each bug of the seed back into a copy of the repository, one at a time, runs the suite's fast tests
+there, and prints which tests caught it. Every bug must be caught by at least one test; exit status 1 if not.
+
+    python tests/reintroduce_seed_bugs.py            # about 5 minutes on two cores
+
+Not collected by pytest (it runs the suite many times over); the list it prints is the evidence that each
+bug named in the tests' docstrings really fails them.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_RANDINT = "idx = self.rng.integers(0, self.size, size=batch_size)"
+SAMPLE_CHOICE = "idx = np.random.choice(self.size, batch_size, replace=False)"
+# Shared by both scripts' learners: (bug, line as it is, line with the bug)
+LEARNER = [
+    ("loss off by a factor of 2", "loss = F.smooth_l1_loss(q_taken, target)",
+     "loss = 0.5 * F.smooth_l1_loss(q_taken, target)"),
+    ("np.random.choice sampling", SAMPLE_RANDINT, SAMPLE_CHOICE),
+    ("backprop through the target network", "@torch.no_grad()  # the target is a constant", "# the target"),
+    ("`done` where `1 - done` belongs", "gamma * next_q * (1.0 - terminated)", "gamma * next_q * terminated"),
+    ("target-sync counter never incremented", "        self.steps += 1  # the seed's", "        pass  # the seed's"),
+]
+BUGS = {
+    "dqn.py": LEARNER + [
+        ("float64 replay", "self.observations = np.zeros((capacity, obs_dim), dtype=np.float32)",
+         "self.observations = np.zeros((capacity, obs_dim), dtype=np.float64)"),
+        ("batch built from a list of arrays", "return tuple(torch.from_numpy(array[idx]).to(self.device) for",
+         "return tuple(torch.tensor([row for row in array[idx]]).to(self.device) for"),
+        ("tensors left on the CPU", "return tuple(torch.from_numpy(array[idx]).to(self.device) for",
+         "return tuple(torch.from_numpy(array[idx]) for"),
+        ("a time limit stored as terminal", "reward * args.reward_scale, next_obs, terminated)",
+         "reward * args.reward_scale, next_obs, terminated or truncated)"),
+    ],
+    "dqn_atari.py": LEARNER + [
+        ("float64 replay", "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8",
+         "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.float64"),
+        ("batch built from a list of arrays", "stacks = self.frames.index_select(0, flat_slots).view(",
+         "stacks = torch.tensor(np.array([self.frames[int(s)].numpy() for s in flat_slots])).view("),
+        ("tensors left on the CPU", "stacks = stacks.to(self.device)  # a no-op", "stacks = stacks  # a no-op"),
+        ("preprocessing on the CPU", "frames = torch.from_numpy(raw).to(self.device).amax(",
+         "frames = torch.from_numpy(raw).amax("),
+        ("whole games instead of life-loss episodes", "terminated = game_over or (life_lost and self.end_on_life_loss)",
+         "terminated = game_over"),
+        ("Breakout idling without FIRE", "self.fire_action = 1 if len(meanings)", "self.fire_action = None if len(meanings)"),
+        ("a time limit stored as terminal", "float(np.sign(reward)), terminated, terminated or truncated",
+         "float(np.sign(reward)), terminated or truncated, terminated or truncated"),
+        ("rewards not clipped", "float(np.sign(reward)), terminated,", "float(reward), terminated,"),
+        ("stacks across an episode start", "np.minimum(np.arange(STACK - 1, -1, -1)[None, :], self.history[idx][:, None]"
+         ".astype(np.int64))", "np.arange(STACK - 1, -1, -1)[None, :].repeat(len(idx), 0)"),
+    ],
+}
+TESTS = {"dqn.py": ["tests/test_dqn.py", "tests/test_learner.py", "tests/test_parity_sb3.py", "-k",
+                    "not atari and not learns_quickly"],
+         "dqn_atari.py": ["tests/test_dqn_atari.py", "tests/test_learner.py", "tests/test_parity_sb3.py", "-k", "atari"]}
+
+
+def main() -> None:
+    missed = []
+    with tempfile.TemporaryDirectory(prefix="seed-bugs-") as work:
+        for script, bugs in BUGS.items():
+            original = (REPO / script).read_text()
+            for bug, line, buggy in bugs:
+                assert original.count(line) == 1, f"{script}: {line!r} is no longer in the file once"
+                copy = Path(work) / "repo"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "runs", "results", ".*venv*"))
+                (copy / script).write_text(original.replace(line, buggy))
+                finished = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                           *TESTS[script]], cwd=copy, capture_output=True, text=True,
+                                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                caught = [line.split()[1].split("::")[-1] for line in finished.stdout.splitlines()
+                          if line.startswith(("FAILED", "ERROR"))]
+                print(f"{script}: {bug} -> {', '.join(caught) if caught else 'MISSED'}", flush=True)
+                if not caught:
+                    missed.append(f"{script}: {bug}")
+    if missed:
+        sys.exit(f"not caught by any test: {'; '.join(missed)}")
+
+
+if __name__ == "__main__":
+    main()
