@@ -46,11 +46,11 @@ def learning_sps_from_events(run_dir: Path, learning_starts: int) -> float:
     return (events[-1].step - events[0].step) / (events[-1].wall_time - events[0].wall_time)
 
 
-def run_measured(command: list, threads: int, cores: set, log_path: Path):
+def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=None):
     """Runs a command with `threads` torch threads on `cores`; returns (stdout, peak RSS in bytes)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=cwd,
                                    preexec_fn=lambda: os.sched_setaffinity(0, cores))
         stdout = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
@@ -84,14 +84,13 @@ def programs(args, work: Path) -> dict:
         return result["learning_sps"], result["replay_bytes"], rss
 
     def cleanrl(repeat):
-        runs_dir = work / f"cleanrl-{repeat}"
+        run_root = work / f"cleanrl-{repeat}"  # CleanRL writes runs/ under its working directory
+        run_root.mkdir()
         command = [str(args.reference_python), str(Path(args.cleanrl) / "cleanrl" / "dqn_atari.py"), *shared,
                    "--no-capture-video", f"--cuda={args.cuda}"]
-        run_measured(command, args.threads, args.cores, work / f"cleanrl-{repeat}.log")
-        # CleanRL writes runs/ under its working directory
-        run_dir = max((Path.cwd() / "runs").glob(f"{args.env_id}__dqn_atari__*"), key=os.path.getmtime)
-        sps = learning_sps_from_events(run_dir, args.learning_starts)
-        return sps, None, None
+        _, rss = run_measured(command, args.threads, args.cores, work / f"cleanrl-{repeat}.log", cwd=run_root)
+        (run_dir,) = (run_root / "runs").iterdir()
+        return learning_sps_from_events(run_dir, args.learning_starts), None, rss
 
     found = {"dqn_atari.py": ours, "sb3": sb3}
     if args.cleanrl:
