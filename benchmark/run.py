@@ -152,8 +152,9 @@ def plot_groups(path: Path, title: str, groups: list, threshold) -> None:
             ax.plot(steps, curve, color=color, alpha=0.15, linewidth=0.8)
         seeds = f"mean of {len(curves)} seeds" if len(curves) > 1 else "one seed: no spread shown"
         ax.plot(steps, mean, color=color, label=f"{label}: {seeds}" if label else seeds)
-        ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.3,
-                        label=f"{label}: ± 1 standard error" if label else "± 1 standard error")
+        if len(curves) > 1:
+            ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.3,
+                            label=f"{label}: ± 1 standard error" if label else "± 1 standard error")
     if threshold is not None:
         ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
     ax.set(title=title, xlabel="env steps", ylabel="eval episodic return")
