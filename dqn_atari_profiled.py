@@ -426,8 +426,13 @@ class FrameReplay:
     to the device asynchronously.
     """
 
+    # the per-slot fields beside the frame, one array each (self.actions, self.rewards, ...)
+    FIELDS = {"actions": np.int64, "rewards": np.float32, "terminated": np.bool_, "history": np.uint8,
+              "starts_transition": np.bool_}
+
     def __init__(self, capacity: int, device: torch.device, seed):
-        needed = capacity * (FRAME_SIZE * FRAME_SIZE + 8 + 4 + 3)
+        slot_bytes = FRAME_SIZE * FRAME_SIZE + sum(np.dtype(dtype).itemsize for dtype in self.FIELDS.values())
+        needed = capacity * slot_bytes
         available = available_memory_bytes()
         if available is not None and needed > available:
             raise ConfigError(f"a replay of {capacity:,} frames needs {needed / 1e9:.2f} GB but only "
@@ -436,19 +441,15 @@ class FrameReplay:
         self.pinned = device.type == "cuda"
         # zeros, not empty: touch every page now, so a buffer that cannot fit fails here, not hours later
         self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
-        self.actions = np.zeros(capacity, dtype=np.int64)
-        self.rewards = np.zeros(capacity, dtype=np.float32)
-        self.terminated = np.zeros(capacity, dtype=np.bool_)
-        self.history = np.zeros(capacity, dtype=np.uint8)
-        self.starts_transition = np.zeros(capacity, dtype=np.bool_)
+        for name, dtype in self.FIELDS.items():
+            setattr(self, name, np.zeros(capacity, dtype=dtype))
         self.position = 0  # next slot to write: the oldest one once the ring is full
         self.size = 0
         self.episode_steps = 0
         self.rng = np.random.default_rng(seed)
         self.staging = torch.empty((0,), dtype=torch.uint8, pin_memory=self.pinned)
         self.copy_done = None
-        self.nbytes = self.frames.nbytes + sum(a.nbytes for a in (self.actions, self.rewards, self.terminated,
-                                                                  self.history, self.starts_transition))
+        self.nbytes = needed
 
     def _write(self, frame: torch.Tensor, starts_transition: bool) -> int:
         i = self.position
@@ -473,10 +474,8 @@ class FrameReplay:
 
     def valid(self, idx: np.ndarray) -> np.ndarray:
         newest = (self.position - 1) % self.capacity
-        # (i - position) mod capacity counts the intact slots older than i: the stack needs history[i] of them
-        intact_behind = (idx - self.position) % self.capacity
-        if self.size < self.capacity:
-            intact_behind = idx
+        # the intact slots older than i (all of 0..i-1 until the ring is full): the stack needs history[i]
+        intact_behind = idx if self.size < self.capacity else (idx - self.position) % self.capacity
         return self.starts_transition[idx] & (idx != newest) & (intact_behind >= self.history[idx])
 
     def sample_indices(self, batch_size: int) -> np.ndarray:
@@ -517,8 +516,7 @@ class FrameReplay:
         return stacks[:, :STACK], small[0], small[1], stacks[:, STACK:], terminated
 
     def state(self) -> dict:
-        arrays = {name: torch.from_numpy(getattr(self, name).copy()) for name in
-                  ("actions", "rewards", "terminated", "history", "starts_transition")}
+        arrays = {name: torch.from_numpy(getattr(self, name).copy()) for name in self.FIELDS}
         return {"frames": self.frames, **arrays, "position": self.position, "size": self.size,
                 "episode_steps": self.episode_steps, "rng": self.rng.bit_generator.state}
 
@@ -527,7 +525,7 @@ class FrameReplay:
             raise ConfigError(f"the checkpoint's replay holds {state['frames'].shape[0]:,} frames, "
                               f"not --buffer-size {self.capacity:,}")
         self.frames.copy_(state["frames"])
-        for name in ("actions", "rewards", "terminated", "history", "starts_transition"):
+        for name in self.FIELDS:
             getattr(self, name)[:] = state[name].numpy()
         self.position, self.size, self.episode_steps = state["position"], state["size"], state["episode_steps"]
         self.rng.bit_generator.state = state["rng"]
