@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import git_commit, machine_description
+from run import REPO, git_commit, machine_description
 
-REPO = Path(__file__).resolve().parent.parent
 SB3_VENV = REPO / "benchmark" / ".sb3-venv"
 # what the reference environment needs; torch pinned as ours, so both run the same kernels
 SB3_REQUIREMENTS = ["torch==2.13.0", "stable-baselines3==2.9.2", "gymnasium>=1.0,<2", "ale-py>=0.9,<1",
@@ -53,10 +52,10 @@ def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=No
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=cwd,
                                    preexec_fn=lambda: os.sched_setaffinity(0, cores))
         stdout = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed ({process.returncode}); see {log_path}")
+        _, status, usage = os.wait4(process.pid, 0)  # wait4: this child's own peak RSS
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed ({exit_code}); see {log_path}")
     return stdout, usage.ru_maxrss * 1024
 
 
@@ -87,7 +86,7 @@ def programs(args, work: Path) -> dict:
         run_root = work / f"cleanrl-{repeat}"  # CleanRL writes runs/ under its working directory
         run_root.mkdir()
         command = [str(args.reference_python), str(Path(args.cleanrl) / "cleanrl" / "dqn_atari.py"), *shared,
-                   "--no-capture-video", f"--cuda={args.cuda}"]
+                   "--no-capture-video", *cuda]  # CleanRL's tyro flags: --no-cuda as ours
         _, rss = run_measured(command, args.threads, args.cores, work / f"cleanrl-{repeat}.log", cwd=run_root)
         (run_dir,) = (run_root / "runs").iterdir()
         return learning_sps_from_events(run_dir, args.learning_starts), None, rss

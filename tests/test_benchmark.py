@@ -155,3 +155,15 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
     assert (out / "CartPole-v1.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), f"missing={tmp_path / 'nothing'}"])
+
+
+def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_path, capsys):
+    import speed
+
+    for argv, message in ((["--reference-python", str(tmp_path / "none"), "--out", str(tmp_path)],
+                           "no reference environment at"),
+                          (["--reference-python", sys.executable, "--cleanrl", str(tmp_path), "--out", str(tmp_path)],
+                           "is not a CleanRL checkout (no cleanrl/dqn_atari.py)")):
+        with pytest.raises(SystemExit) as exit_info:
+            speed.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

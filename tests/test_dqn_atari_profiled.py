@@ -71,3 +71,11 @@ def test_py_spy_records_a_flamegraph_and_a_speedscope_profile(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "py-spy.svg").read_text().lstrip().startswith("<?xml")
     assert (run_dir / "py-spy.speedscope.json").stat().st_size > 0
+
+
+def test_py_spy_missing_is_one_clear_error(tmp_path, monkeypatch):
+    import dqn_atari_profiled
+
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    with pytest.raises(dqn_atari_profiled.ConfigError, match=r"--py-spy needs py-spy: pip install py-spy"):
+        dqn_atari_profiled.start_py_spy(str(tmp_path))
