@@ -64,29 +64,53 @@ def file_stem(env_id: str) -> str:
     return env_id.replace("/", "-")  # ALE/Pong-v5 names a file, not a folder
 
 
-def run_one(script: Path, env_id: str, seed: int, extra: list, core: int, work_dir: Path, log_dir: Path):
+def start_run(script: Path, env_id: str, seed: int, extra: list, core, work_dir: Path, log_dir: Path):
+    """Launches one training process with one torch thread, pinned to `core` unless it is None.
+
+    Returns (process, runs_dir, log path), or None when the runner has been stopped."""
     runs_dir = work_dir / f"{file_stem(env_id)}__{seed}"
     command = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed),
                "--runs-dir", str(runs_dir), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    pin = (lambda: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") else None
-    start = time.perf_counter()
+    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None and hasattr(os, "sched_setaffinity") else None
+    log_path = log_dir / f"{file_stem(env_id)}_seed{seed}.log"
     with LAUNCH_LOCK:
         if STOPPED.is_set():
-            return RunResult(env_id, seed, 0.0, [], "not started: the runner was stopped")
-        log = open(log_dir / f"{file_stem(env_id)}_seed{seed}.log", "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+            return None
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
         RUNNING.add(process)
-    with log:
-        returncode = process.wait()
+    return process, runs_dir, log_path
+
+
+def finish_run(process, runs_dir: Path, log_path: Path, env_id: str, seed: int, started: float) -> RunResult:
+    """Waits for a started run and reads its eval curve."""
+    returncode = process.wait()
     with LAUNCH_LOCK:  # the stop handler reads RUNNING under the lock; never change it beneath that read
         RUNNING.discard(process)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - started
+    curve = read_eval_curve(runs_dir)
+    if returncode != 0 or not curve:
+        return RunResult(env_id, seed, wall, [], f"exit {returncode}, see {log_path}")
+    return RunResult(env_id, seed, wall, curve)
+
+
+def read_eval_curve(runs_dir: Path) -> list:
+    """The complete rows of the eval.csv a run writes under runs_dir, as dicts ([] before its first eval)."""
     eval_files = sorted(runs_dir.glob("*/eval.csv"))
-    if returncode != 0 or not eval_files:
-        return RunResult(env_id, seed, wall, [], f"exit {returncode}, see {log_dir}/{file_stem(env_id)}_seed{seed}.log")
-    with open(eval_files[-1]) as f:
-        return RunResult(env_id, seed, wall, list(csv.DictReader(f)))
+    if not eval_files:
+        return []
+    text = eval_files[-1].read_text()
+    lines = text.splitlines()[: text.count("\n")]  # a row still being written has no newline yet
+    return list(csv.DictReader(lines))
+
+
+def run_one(script: Path, env_id: str, seed: int, extra: list, core, work_dir: Path, log_dir: Path) -> RunResult:
+    started = time.perf_counter()
+    launched = start_run(script, env_id, seed, extra, core, work_dir, log_dir)
+    if launched is None:
+        return RunResult(env_id, seed, 0.0, [], "not started: the runner was stopped")
+    return finish_run(*launched, env_id, seed, started)
 
 
 def result_from_run_dir(run_dir: Path) -> RunResult:

@@ -1,0 +1,116 @@
+"""benchmark/tune.py: its search spaces are real flags, its scores, a study shared by two worker processes,
+and its refusals."""
+
+import csv
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import tyro
+
+import dqn
+import dqn_atari
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmark"))
+import tune  # noqa: E402
+
+TUNER = [sys.executable, str(REPO / "benchmark" / "tune.py")]
+TINY_RUN = ["--total-timesteps", "1000", "--learning-starts", "200", "--eval-every", "500", "--eval-episodes", "3",
+            "--no-cuda"]
+
+
+@pytest.mark.parametrize("script", [dqn, dqn_atari], ids=["dqn", "dqn_atari"])
+def test_every_suggested_configuration_parses_into_the_scripts_args(script):
+    space = tune.SEARCH_SPACES[Path(script.__file__).name]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = tune.suggest_params(study.ask(), space, list(space))
+        parsed = tyro.cli(script.Args, args=tune.flags_for(params))
+        for name, value in params.items():
+            expected = tuple(int(w) for w in value.split()) if name == "hidden_sizes" else value
+            assert getattr(parsed, name) == expected, name
+    assert set(space) <= {field.name for field in dataclasses.fields(script.Args)}
+
+
+def test_gradient_steps_follow_the_suggested_replay_ratio():
+    space = tune.SEARCH_SPACES["dqn.py"]
+    trial = optuna.trial.FixedTrial({"train_frequency": 64, "updates_per_env_step": 0.25})
+    assert tune.suggest_params(trial, space, ["train_frequency", "gradient_steps"]) == {
+        "train_frequency": 64, "gradient_steps": 16}
+
+
+def test_scores_are_means_over_seeds_of_the_last_or_the_average_eval():
+    curves = [[{"eval_mean": "10"}, {"eval_mean": "30"}], [{"eval_mean": "20"}, {"eval_mean": "60"}]]
+    assert tune.score(curves, "final", 2) == 45.0  # (30 + 60) / 2
+    assert tune.score(curves, "auc", 2) == 30.0  # (20 + 40) / 2
+    assert tune.score(curves, "final", 1) == 15.0  # what a trial reports after its first eval
+
+
+def test_two_worker_processes_share_one_study_and_lose_or_repeat_no_trial(tmp_path):
+    """As two machines would: two invocations, each with its own report folder, one storage."""
+    storage = tmp_path / "shared.journal"
+    n_trials = 6
+    workers = [subprocess.Popen([*TUNER, "--storage", str(storage), "--out", str(tmp_path / f"out{i}"),
+                                 "--n-trials", str(n_trials), "--seeds", "2", "--recheck-seeds", "0",
+                                 "--pruner", "none", "--", *TINY_RUN],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [worker.communicate(timeout=400) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr
+    study = optuna.load_study(study_name="dqn", storage=tune.open_storage(str(storage)))
+    trials = study.get_trials()
+    # Both may ask at once when one trial is left: one extra at most, never fewer.
+    assert n_trials <= len(trials) <= n_trials + 1
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "one worker did every trial"
+    announced = [line.split(":")[0] for stdout, _ in outputs for line in stdout.splitlines()
+                 if line.startswith("trial ")]
+    assert sorted(announced) == sorted(f"trial {t.number}" for t in trials)  # each trained once, by one worker
+    with open(tmp_path / "out1" / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(trials)
+    best_command = (tmp_path / "out0" / "best_command.txt").read_text()
+    assert best_command.startswith("python dqn.py --env-id CartPole-v1 --total-timesteps 1000")
+    assert (tmp_path / "out0" / "param_importances.png").exists()
+
+
+def tuner_error(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        tune.main(argv)
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_unknown_parameters_and_flags_tuned_twice_are_refused(tmp_path, capsys):
+    code, err = tuner_error(capsys, ["--out", str(tmp_path), "--params", "learning_rate", "lr"])
+    assert code == 2 and "unknown parameter(s) lr for dqn.py; known: learning_rate," in err
+    code, err = tuner_error(capsys, ["--out", str(tmp_path), "--params", "learning_rate", "--",
+                                     "--learning-rate", "0.1"])
+    assert code == 2 and "--learning-rate after -- is also tuned" in err
+    code, err = tuner_error(capsys, ["--out", str(tmp_path), "--params", "gradient_steps"])
+    assert code == 2 and "tune both" in err
+
+
+def test_an_unreachable_storage_is_one_line(tmp_path, capsys):
+    code, _ = tuner_error(capsys, ["--out", str(tmp_path), "--storage", "sqlite:////no/such/folder/study.db"])
+    assert code.startswith("tune.py: error: cannot open storage 'sqlite:////no/such/folder/study.db'")
+    assert "\n" not in code
+
+
+def test_a_study_made_with_another_objective_is_refused(tmp_path, capsys):
+    _, config = tune.parse(["--out", str(tmp_path), "--objective", "final"])
+    tune.load_study(config, create=True)
+    code, _ = tuner_error(capsys, ["--out", str(tmp_path), "--objective", "auc"])
+    assert code.startswith("tune.py: error: study 'dqn' in ") and "objective='final' (this run: 'auc')" in code
+
+
+def test_a_failing_trial_stops_the_study_with_the_runs_last_line(tmp_path):
+    finished = subprocess.run([*TUNER, "--out", str(tmp_path), "--seeds", "1", "--n-trials", "1", "--",
+                               "--total-timesteps", "-5"], capture_output=True, text=True, timeout=120)
+    assert finished.returncode != 0
+    assert "tune.py: error: seed 1 of trial 0 failed: dqn.py: error: --total-timesteps must be positive, got -5\n" == finished.stderr
+    study = optuna.load_study(study_name="dqn", storage=tune.open_storage(str(tmp_path / "study.journal")))
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]  # failed, not left running
