@@ -254,6 +254,32 @@ def test_nature_network_shapes_and_uint8_input():
     assert torch.allclose(network(frames), network.network(frames.float() / 255))
 
 
+def test_bf16_network_keeps_float32_weights_head_and_q_values_and_updates_like_float32():
+    torch.manual_seed(0)
+    plain, fast = atari.QNetwork(6), atari.QNetwork(6, bf16=True)
+    fast.load_state_dict(plain.state_dict())
+    frames = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
+    q_plain, q_fast = plain(frames), fast(frames)
+    assert q_fast.dtype == torch.float32 and torch.allclose(q_fast, q_plain, rtol=0.05, atol=2e-3)
+    # a bfloat16 head would leave every Q-value on bfloat16's coarse grid
+    assert (q_fast.to(torch.bfloat16).float() != q_fast).float().mean() > 0.9
+
+    batch = (frames, torch.randint(0, 6, (32,)), torch.randn(32), frames.flip(0), torch.zeros(32))
+    before = torch.cat([p.detach().flatten() for p in plain.parameters()])
+    losses = []
+    for network in (plain, fast):
+        target = atari.QNetwork(6)
+        target.load_state_dict(network.state_dict())
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
+        losses.append(atari.td_update(network, target, optimizer, batch, 0.99, 0.0)[0])
+    assert torch.allclose(losses[0], losses[1], rtol=0.02)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    # Adam's first step moves each weight by about lr against its gradient's sign: the signs must agree
+    steps = [torch.cat([p.detach().flatten() for p in network.parameters()]) - before for network in (plain, fast)]
+    assert (steps[0] != 0).float().mean() > 0.5  # (weights behind ReLUs dead on this batch do not move)
+    assert (steps[0].sign() == steps[1].sign()).float().mean() > 0.95
+
+
 def test_deepmind_rmsprop_takes_the_step_their_code_defines():
     weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     optimizer = atari.DeepMindRMSprop([weight], lr=0.1, grad_scale=2.0)
@@ -331,6 +357,13 @@ def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
     torch.save(other_shape, reshaped)
     with pytest.raises(atari.ConfigError, match="does not fit this network"):
         atari.train(atari.Args(resume=reshaped), ["--resume", reshaped])
+
+    older = torch.load(path, weights_only=True)
+    del older["args"]["bf16"]  # a checkpoint from before the flag existed trained without it
+    older_path = str(tmp_path / "older.pt")
+    torch.save(older, older_path)
+    with pytest.raises(atari.ConfigError, match="trained with --bf16 False, not True"):
+        atari.train(atari.Args(resume=older_path, bf16=True), ["--resume", older_path, "--bf16"])
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(original[: len(original) // 2])
