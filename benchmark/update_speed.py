@@ -1,0 +1,109 @@
+"""Milliseconds per learner update of dqn_atari.py (Nature network, batch 32): float32 against the speed
+options, interleaved round by round with a fixed torch thread count, medians and ratios reported.
+
+    python benchmark/update_speed.py --threads 1 --rounds 10 --out benchmark/results/update-speed-cpu
+
+One update is what the training loop does every `--train-frequency` steps: the target network's forward
+under no_grad, the online forward and backward, the optimizer's step (dqn_atari.td_update on a random uint8
+batch). Each variant starts from the same weights; warm-up updates are not timed.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from run import REPO, git_commit, machine_description
+
+sys.path.insert(0, str(REPO))
+import dqn_atari  # noqa: E402
+
+VARIANTS = {  # name: (bf16, channels_last)
+    "float32": (False, False),
+    "bf16": (True, False),
+    "float32 channels_last": (False, True),
+    "bf16 channels_last": (True, True),
+}
+
+
+def make_update(bf16: bool, channels_last: bool, device: torch.device, n_actions: int = 6, batch_size: int = 32):
+    """A closure doing one td_update, with its own networks, optimizer and batch."""
+    torch.manual_seed(0)
+    online, target = dqn_atari.QNetwork(n_actions, bf16).to(device), dqn_atari.QNetwork(n_actions, bf16).to(device)
+    target.load_state_dict(online.state_dict())
+    target.requires_grad_(False)
+    obs, next_obs = torch.randint(0, 256, (2, batch_size, dqn_atari.STACK, 84, 84), dtype=torch.uint8, device=device)
+    if channels_last:
+        online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+        obs, next_obs = (x.contiguous(memory_format=torch.channels_last) for x in (obs, next_obs))
+    optimizer = torch.optim.Adam(online.parameters(), lr=1e-4)
+    batch = (obs, torch.randint(0, n_actions, (batch_size,), device=device), torch.randn(batch_size, device=device),
+             next_obs, torch.zeros(batch_size, device=device))
+
+    def update():
+        dqn_atari.td_update(online, target, optimizer, batch, 0.99, 0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return update
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned to that many cores)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds; each times every variant once")
+    parser.add_argument("--updates", type=int, default=10, help="updates per variant per round")
+    parser.add_argument("--cuda", action="store_true", help="time on the GPU instead of the CPU")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if min(args.threads, args.rounds, args.updates) < 1:
+        parser.error("--threads, --rounds and --updates must be at least 1")
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda: no CUDA device here")
+    torch.set_num_threads(args.threads)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
+    device = torch.device("cuda" if args.cuda else "cpu")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # others' work sharing the machine
+    updates = {name: make_update(*options, device) for name, options in VARIANTS.items()}
+    for update in updates.values():
+        for _ in range(3):
+            update()
+    times = {name: [] for name in updates}
+    for round_index in range(args.rounds):
+        for name, update in updates.items():
+            started = time.perf_counter()
+            for _ in range(args.updates):
+                update()
+            times[name].append(1000 * (time.perf_counter() - started) / args.updates)
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items()),
+              flush=True)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    lines = ["| variant | median ms per update | speed-up over float32 |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {medians['float32'] / ms:.2f}x |" for name, ms in medians.items()]
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    code = [Path(__file__), REPO / "dqn_atari.py"]
+    device_name = torch.cuda.get_device_name() if args.cuda else machine_description()
+    (out / "update_speed.json").write_text(json.dumps(
+        {"command": command, "commit": git_commit(code), "device": device_name, "threads": args.threads,
+         "torch": torch.__version__, "load_average": load, "medians_ms": medians, "rounds_ms": times}, indent=1) + "\n")
+    (out / "summary.md").write_text(
+        f"# dqn_atari.py: one learner update (batch 32), {args.rounds} interleaved rounds of {args.updates}\n\n"
+        f"{table}\n\n- command (from the repository root): `{command}`\n- commit: {git_commit(code)}\n"
+        f"- device: {device_name}; torch {torch.__version__}, {args.threads} thread(s)\n"
+        f"- load average at the start: {load:.2f} on {os.cpu_count()} cores (above the threads used: other "
+        "processes shared the machine, which slows every variant; the interleaving keeps the ratios fair)\n")
+
+
+if __name__ == "__main__":
+    main()
