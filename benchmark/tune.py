@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -37,6 +38,7 @@ import run
 from run import REPO, file_stem, finish_run, git_commit, machine_description, mean_and_se, read_eval_curve, start_run
 
 POLL_SECONDS = 0.5
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 RECHECK_FIRST_SEED = 1001  # seeds no trial has seen
 
 
@@ -90,7 +92,7 @@ SEARCH_SPACES = {
         "reward_scale": Float(0.003, 1.0, log=True),
         "hidden_sizes": Choice(("64 64", "128 128", "256 256")),
         "train_frequency": Choice((16, 64, 256)),
-        "gradient_steps": PerTrainStep((0.25, 0.5, 1.0)),
+        "gradient_steps": PerTrainStep((0.125, 0.25, 0.5)),  # 0.5: the defaults' 128 per 256
         "max_grad_norm": Choice((1.0, 10.0, 0.0)),
         "anneal_lr": Choice((True, False)),
     },
@@ -265,12 +267,15 @@ def work(config: Config) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    run.signal.signal(run.signal.SIGTERM, run.stop_runs)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, run.stop_runs)
     study = load_study(config, create=False)
     while counted_trials(study) < config.n_trials:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop between ask and try would leave it running
         trial = study.ask()
         with tempfile.TemporaryDirectory(prefix=f"tune-trial{trial.number}-") as work_dir:
             try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 value = run_trial(trial, config, Path(work_dir))
             except optuna.TrialPruned as pruned:
                 study.tell(trial, state=TrialState.PRUNED)
@@ -432,6 +437,17 @@ def main(argv=None) -> None:
         # fresh interpreters: every worker opens the storage itself, as a worker on another machine would
         context = multiprocessing.get_context("spawn")
         workers = [context.Process(target=work, args=(config,)) for _ in range(args.workers)]
+
+        def stop_workers(signum, frame):  # each worker, on SIGTERM, stops its runs and marks its trial failed
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
+            for worker in workers:
+                worker.join()
+            sys.exit(f"tune.py: stopped by signal {signum}; the study keeps every finished trial")
+
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, stop_workers)
         for worker in workers:
             worker.start()
         for worker in workers:

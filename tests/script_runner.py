@@ -1,7 +1,9 @@
 """Running a training script as users do (a subprocess), and what its bad-input errors must look like."""
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,3 +26,33 @@ def assert_one_line_error(finished, fragment, script="dqn.py"):
 def is_emulator_banner(line: str) -> bool:
     """The two lines ale-py's emulator prints to stderr whenever it loads a game: not ours to suppress."""
     return line.startswith("A.L.E: Arcade Learning Environment") or line == "[Powered by Stella]"
+
+
+def training_processes(marker: str) -> list:
+    """Command lines of running dqn.py processes whose arguments contain marker (read from /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in text and "dqn.py" in text:
+            found.append(text)
+    return found
+
+
+def assert_signal_stops_every_run(launcher, marker: str, message: str) -> str:
+    """Waits for the launcher's first training process (--exp-name marker), sends SIGTERM to the launcher,
+    and checks that it exits non-zero saying `message` and leaves no training process behind."""
+    deadline = time.monotonic() + 60
+    while not training_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert training_processes(marker), "the run never started"
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode != 0 and message in stderr, stderr
+    deadline = time.monotonic() + 10
+    while training_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not training_processes(marker), "a training process outlived its launcher"
+    return stderr

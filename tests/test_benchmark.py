@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from script_runner import assert_signal_stops_every_run
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmark"))
@@ -80,28 +81,7 @@ def test_stopping_the_runner_stops_its_runs(tmp_path):
                "--exp-name", marker, "--no-cuda"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def children():
-        found = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                text = cmdline.read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in text and "dqn.py" in text:
-                found.append(text)
-        return found
-
-    deadline = time.monotonic() + 60
-    while not children() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert children(), "the run never started"
-    runner.send_signal(signal.SIGTERM)
-    _, stderr = runner.communicate(timeout=60)
-    assert runner.returncode != 0 and "terminated 1 running run(s)" in stderr
-    deadline = time.monotonic() + 10
-    while children() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not children(), "a training process outlived its runner"
+    assert_signal_stops_every_run(runner, marker, "terminated 1 running run(s)")
     assert not (tmp_path / "logs" / "CartPole-v1_seed2.log").exists(), "a queued run started after the stop"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import tyro
+from script_runner import assert_signal_stops_every_run
 
 import dqn
 import dqn_atari
@@ -114,3 +115,13 @@ def test_a_failing_trial_stops_the_study_with_the_runs_last_line(tmp_path):
     assert "tune.py: error: seed 1 of trial 0 failed: dqn.py: error: --total-timesteps must be positive, got -5\n" == finished.stderr
     study = optuna.load_study(study_name="dqn", storage=tune.open_storage(str(tmp_path / "study.journal")))
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]  # failed, not left running
+
+
+def test_stopping_the_tuner_stops_its_workers_and_their_runs_and_fails_their_trials(tmp_path):
+    marker = f"tune-stop-{tmp_path.name}"
+    tuner = subprocess.Popen([*TUNER, "--out", str(tmp_path), "--workers", "2", "--seeds", "2", "--", "--total-timesteps",
+                              "10000000", "--exp-name", marker, "--no-cuda"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert_signal_stops_every_run(tuner, marker, "tune.py: stopped by signal 15")
+    study = optuna.load_study(study_name="dqn", storage=tune.open_storage(str(tmp_path / "study.journal")))
+    assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.FAIL}  # none left "running"
