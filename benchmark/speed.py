@@ -3,6 +3,7 @@ checkout), with identical hyperparameters, run interleaved and repeated, each wi
 same cores. Reports the median learning-phase SPS of each, the ratio, peak RSS and replay bytes.
 
     python benchmark/speed.py --setup                   # once: SB3 into its own environment, benchmark/.sb3-venv
+    python benchmark/speed.py --setup-cleanrl           # once, for --cleanrl: benchmark/.cleanrl-venv
     python benchmark/speed.py --repeats 5 --out benchmark/results/speed-cpu [--cleanrl PATH] [-- dqn_atari.py flags]
 
 Learning-phase SPS: env steps per second from the first step after learning starts to the last, read from
@@ -24,15 +25,27 @@ from pathlib import Path
 from run import REPO, git_commit, machine_description
 
 SB3_VENV = REPO / "benchmark" / ".sb3-venv"
-# what the reference environment needs; torch pinned as ours, so both run the same kernels
+CLEANRL_VENV = REPO / "benchmark" / ".cleanrl-venv"
+# What each reference environment needs; torch pinned as ours everywhere, so all run the same kernels.
 SB3_REQUIREMENTS = ["torch==2.13.0", "stable-baselines3==2.9.2", "gymnasium>=1.0,<2", "ale-py>=0.9,<1",
                     "opencv-python-headless", "tensorboard", "tyro"]
+# CleanRL's dqn_atari.py uses gymnasium 0.29's wrapper names (GrayScaleObservation, FrameStack), hence its pin;
+# ale-py 0.9 is the first to ship the game ROMs, and gymnasium 0.29 still uses np.bool8 (gone in numpy 2).
+CLEANRL_REQUIREMENTS = ["torch==2.13.0", "gymnasium==0.29.1", "ale-py==0.9.0", "numpy<2", "opencv-python-headless",
+                        "tensorboard", "tyro"]
 
 
-def setup_reference() -> None:
-    subprocess.run([sys.executable, "-m", "venv", str(SB3_VENV)], check=True)
-    subprocess.run([str(SB3_VENV / "bin" / "python"), "-m", "pip", "install", *SB3_REQUIREMENTS], check=True)
-    print(f"reference environment ready: {SB3_VENV}")
+def setup_environment(venv: Path, requirements: list) -> None:
+    python = str(venv / "bin" / "python")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([python, "-m", "pip", "install", *requirements], check=True)
+    if venv == CLEANRL_VENV:
+        # gymnasium 0.29 learns the Atari ids only from an import of ale_py, which CleanRL's script never makes:
+        # a .pth line makes it at every start of this environment's python.
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        (Path(site) / "register_ale_ids.pth").write_text("import ale_py\n")
+    print(f"reference environment ready: {venv}")
 
 
 def learning_sps_from_events(run_dir: Path, learning_starts: int) -> float:
@@ -45,9 +58,9 @@ def learning_sps_from_events(run_dir: Path, learning_starts: int) -> float:
     return (events[-1].step - events[0].step) / (events[-1].wall_time - events[0].wall_time)
 
 
-def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=None):
+def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=None, **extra_env):
     """Runs a command with `threads` torch threads on `cores`; returns (stdout, peak RSS in bytes)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra_env)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=cwd,
                                    preexec_fn=lambda: os.sched_setaffinity(0, cores))
@@ -85,9 +98,12 @@ def programs(args, work: Path) -> dict:
     def cleanrl(repeat):
         run_root = work / f"cleanrl-{repeat}"  # CleanRL writes runs/ under its working directory
         run_root.mkdir()
-        command = [str(args.reference_python), str(Path(args.cleanrl) / "cleanrl" / "dqn_atari.py"), *shared,
+        checkout = Path(args.cleanrl).resolve()
+        command = [str(args.cleanrl_python), str(checkout / "cleanrl" / "dqn_atari.py"), *shared,
                    "--no-capture-video", *cuda]  # CleanRL's tyro flags: --no-cuda as ours
-        _, rss = run_measured(command, args.threads, args.cores, work / f"cleanrl-{repeat}.log", cwd=run_root)
+        # cleanrl_utils sits at the checkout's root, which is not the script's folder
+        _, rss = run_measured(command, args.threads, args.cores, work / f"cleanrl-{repeat}.log", cwd=run_root,
+                              PYTHONPATH=str(checkout))
         (run_dir,) = (run_root / "runs").iterdir()
         return learning_sps_from_events(run_dir, args.learning_starts), None, rss
 
@@ -101,7 +117,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setup", action="store_true", help="create the reference environment and exit")
+    parser.add_argument("--setup", action="store_true", help="create SB3's reference environment and exit")
+    parser.add_argument("--setup-cleanrl", action="store_true", help="create CleanRL's environment and exit")
     parser.add_argument("--env-id", default="BreakoutNoFrameskip-v4")
     parser.add_argument("--learning-starts", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=5000, help="env steps timed after learning starts")
@@ -112,15 +129,19 @@ def main(argv=None) -> None:
     parser.add_argument("--cleanrl", help="a CleanRL checkout: also time its cleanrl/dqn_atari.py")
     parser.add_argument("--reference-python", type=Path, default=SB3_VENV / "bin" / "python",
                         help="the python of the reference environment (default: made by --setup)")
+    parser.add_argument("--cleanrl-python", type=Path, default=CLEANRL_VENV / "bin" / "python",
+                        help="the python that runs CleanRL (default: made by --setup-cleanrl)")
     parser.add_argument("--out", help="folder for speed.json and summary.md")
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
-    if args.setup:
-        return setup_reference()
+    if args.setup or args.setup_cleanrl:
+        return setup_environment(*((SB3_VENV, SB3_REQUIREMENTS) if args.setup else (CLEANRL_VENV, CLEANRL_REQUIREMENTS)))
     if not args.reference_python.exists():
         parser.error(f"no reference environment at {args.reference_python}: run `python benchmark/speed.py --setup`")
     if args.cleanrl and not (Path(args.cleanrl) / "cleanrl" / "dqn_atari.py").is_file():
         parser.error(f"{args.cleanrl} is not a CleanRL checkout (no cleanrl/dqn_atari.py)")
+    if args.cleanrl and not args.cleanrl_python.exists():
+        parser.error(f"no CleanRL environment at {args.cleanrl_python}: run `python benchmark/speed.py --setup-cleanrl`")
     if not args.out:
         parser.error("--out is required")
     args.cores = set(sorted(os.sched_getaffinity(0))[:args.threads])
