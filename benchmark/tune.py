@@ -365,14 +365,17 @@ def report(config: Config, argv: list, workers: int, recheck_seeds: int, seconds
     best_command = shlex.join(["python", script, "--env-id", config.env_id, *config.fixed, *best_flags])
     (config.out / "best_command.txt").write_text(best_command + "\n")
     notes = write_plots(study, config.out)
-    recheck_table = recheck(config, best_flags, recheck_seeds, workers) if recheck_seeds else "(not run)"
+    if recheck_seeds:
+        recheck_text = (f"Re-check over {recheck_seeds} fresh seeds ({RECHECK_FIRST_SEED} on), the best configuration "
+                        f"beside the script's defaults (recheck/):\n\n{recheck(config, best_flags, recheck_seeds, workers)}")
+    else:
+        recheck_text = "Re-check: not run (`--recheck-seeds 0`)."
     seeds = ", ".join(map(str, config.seeds))
     command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
     text = (
         f"# {config.env_id}: study {config.study!r} ({config.objective} eval return, mean of seeds {seeds})\n\n"
         f"Best: trial {best.number}, {best.value:.2f}\n\n```bash\n{best_command}\n```\n\n"
-        f"Re-check over {recheck_seeds} fresh seeds ({RECHECK_FIRST_SEED} on), the best configuration beside "
-        f"the script's defaults (recheck/):\n\n{recheck_table}\n\n"
+        f"{recheck_text}\n\n"
         f"- trials: {len(trials)} ({counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
         f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running elsewhere); trials.csv has each\n"
         f"- tuned: {', '.join(config.params)}; fixed after `--`: `{shlex.join(config.fixed) or 'nothing'}`\n"

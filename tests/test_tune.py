@@ -56,7 +56,7 @@ def test_two_worker_processes_share_one_study_and_lose_or_repeat_no_trial(tmp_pa
     storage = tmp_path / "shared.journal"
     n_trials = 6
     workers = [subprocess.Popen([*TUNER, "--storage", str(storage), "--out", str(tmp_path / f"out{i}"),
-                                 "--n-trials", str(n_trials), "--seeds", "2", "--recheck-seeds", "0",
+                                 "--n-trials", str(n_trials), "--seeds", "2", "--recheck-seeds", str(1 - i),
                                  "--pruner", "none", "--", *TINY_RUN],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [worker.communicate(timeout=400) for worker in workers]
@@ -74,6 +74,11 @@ def test_two_worker_processes_share_one_study_and_lose_or_repeat_no_trial(tmp_pa
     assert sorted(announced) == sorted(f"trial {t.number}" for t in trials)  # each trained once, by one worker
     with open(tmp_path / "out1" / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == len(trials)
+    assert "Re-check: not run" in (tmp_path / "out1" / "summary.md").read_text()
+    # the other re-checked the best flags and the defaults on a seed no trial used, both in one plot
+    recheck = (tmp_path / "out0" / "recheck" / "summary.md").read_text()
+    assert "| best | 1 |" in recheck and "| defaults | 1 |" in recheck
+    assert (tmp_path / "out0" / "recheck-best" / "CartPole-v1_runs.csv").read_text().splitlines()[1].startswith("1001,")
     best_command = (tmp_path / "out0" / "best_command.txt").read_text()
     assert best_command.startswith("python dqn.py --env-id CartPole-v1 --total-timesteps 1000")
     assert (tmp_path / "out0" / "param_importances.png").exists()
