@@ -113,6 +113,11 @@ def programs(args, work: Path) -> dict:
     return found
 
 
+def cleanrl_commit(checkout: Path) -> str:
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown (not a git checkout)"
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
@@ -176,6 +181,7 @@ def main(argv=None) -> None:
         f"- command (from the repository root): `{command}`\n"
         f"- commit: {git_commit([REPO / 'dqn_atari.py', Path(__file__), REPO / 'benchmark' / 'sb3_dqn_atari.py'])}\n"
         f"- machine: {machine_description()}; device: {'cuda' if args.cuda else 'cpu'}\n"
+        + (f"- CleanRL: {args.cleanrl} at commit {cleanrl_commit(Path(args.cleanrl))}\n" if args.cleanrl else "") +
         f"- {args.repeats} interleaved rounds; each run {args.threads} torch thread(s) on cores "
         f"{sorted(args.cores)}; {args.learning_starts} steps before learning, {args.steps} timed after; "
         f"batch 32, train every 4, target sync 1000, buffer {args.buffer_size}, gradient norm clipped at 10 "
