@@ -372,6 +372,23 @@ def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
     assert open(path, "rb").read() == original and len(corrupt.read_bytes()) == len(original) // 2
 
 
+def test_eval_checkpoint_plays_the_same_games_at_each_epsilon(tmp_path, capsys):
+    """benchmark/eval_checkpoint.py: a checkpoint's network, evaluated at several epsilons."""
+    sys.path.insert(0, str(REPO / "benchmark"))
+    import eval_checkpoint
+
+    run = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
+    path = os.path.join(run["run_dir"], "checkpoint.pt")
+    capsys.readouterr()  # the training run's own output
+    eval_checkpoint.main([path, "--epsilons", "0", "0", "1", "--games", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "BreakoutNoFrameskip-v4, step 30, 2 games per epsilon" in lines[0]
+    assert lines[1] == lines[2] and lines[1].startswith("epsilon 0: mean")  # same games, same greedy play
+    with pytest.raises(SystemExit) as stop:
+        eval_checkpoint.main([str(tmp_path / "missing.pt")])
+    assert stop.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+
+
 def test_flags_given_reads_tyro_spellings():
     assert atari.flags_given(["--env-id", "x", "--total_timesteps=5", "--no-cuda", "--resume", "p"]) == {
         "env_id", "total_timesteps", "cuda", "resume"}

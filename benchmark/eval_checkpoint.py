@@ -1,0 +1,46 @@
+"""Evaluates a dqn_atari.py checkpoint's online network at several evaluation epsilons, on the same games.
+
+    python benchmark/eval_checkpoint.py runs/<run>/checkpoint.pt --epsilons 0.05 0.01 0 --games 10
+
+Shows how much of an eval score is the policy and how much the evaluation's random actions: each epsilon
+plays the same `--games` games (dqn_atari.py's Evaluator, seeded from --seed), whole games as in training's
+evaluations.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import dqn_atari  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.05, 0.01, 0.0])
+    parser.add_argument("--games", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=777, help="seeds the games (the same for every epsilon)")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = dqn_atari.load_checkpoint(str(args.checkpoint))
+    except dqn_atari.ConfigError as error:
+        parser.error(str(error))
+    run_args = dqn_atari.Args(**{**vars(dqn_atari.Args()), **checkpoint["args"], "eval_episodes": args.games})
+    game = dqn_atari.AtariGame(run_args.env_id, args.seed, run_args.frame_skip, run_args.noop_max,
+                               end_on_life_loss=False, repeat_action_probability=run_args.repeat_action_probability)
+    preprocess = dqn_atari.FramePreprocessor(game.raw.shape[1:], torch.device("cpu"))
+    q_network = dqn_atari.QNetwork(game.n_actions, run_args.bf16)
+    q_network.load_state_dict(checkpoint["q_network"])
+    print(f"{args.checkpoint}: {run_args.env_id}, step {checkpoint['global_step']:,}, {args.games} games per epsilon")
+    for epsilon in args.epsilons:
+        run_args.eval_epsilon = epsilon
+        returns = dqn_atari.Evaluator(run_args, preprocess, args.seed)(q_network, step=1)
+        print(f"epsilon {epsilon:g}: mean {returns.mean():.2f} ± {returns.std():.2f} | "
+              + " ".join(f"{r:g}" for r in returns), flush=True)
+
+
+if __name__ == "__main__":
+    main()
