@@ -140,10 +140,16 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
 def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_path, capsys):
     import speed
 
+    checkout = tmp_path / "cleanrl-checkout"
+    (checkout / "cleanrl").mkdir(parents=True)
+    (checkout / "cleanrl" / "dqn_atari.py").touch()
+    reference = ["--reference-python", sys.executable, "--out", str(tmp_path)]
     for argv, message in ((["--reference-python", str(tmp_path / "none"), "--out", str(tmp_path)],
                            "no reference environment at"),
-                          (["--reference-python", sys.executable, "--cleanrl", str(tmp_path), "--out", str(tmp_path)],
-                           "is not a CleanRL checkout (no cleanrl/dqn_atari.py)")):
+                          ([*reference, "--cleanrl", str(tmp_path)],
+                           "is not a CleanRL checkout (no cleanrl/dqn_atari.py)"),
+                          ([*reference, "--cleanrl", str(checkout), "--cleanrl-python", str(tmp_path / "none")],
+                           "no CleanRL environment at")):
         with pytest.raises(SystemExit) as exit_info:
             speed.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
