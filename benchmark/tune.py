@@ -22,7 +22,6 @@ Arguments after `--` go to every run unchanged (a budget, for instance).
 import argparse
 import csv
 import dataclasses
-import math
 import multiprocessing
 import os
 import shlex
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import compare
 import run
-from run import REPO, file_stem, finish_run, git_commit, machine_description, mean_and_se, read_eval_curve, start_run
+from run import REPO, finish_run, git_commit, machine_description, read_eval_curve, start_run
 
 POLL_SECONDS = 0.5
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -229,9 +228,8 @@ def run_trial(trial, config: Config, work_dir: Path) -> float:
         reported = 0
         while True:
             finished = all(process.poll() is not None for process, _, _ in runs)
-            available = min(len(read_eval_curve(runs_dir)) for _, runs_dir, _ in runs)
-            while reported < available:
-                curves = [read_eval_curve(runs_dir) for _, runs_dir, _ in runs]
+            curves = [read_eval_curve(runs_dir) for _, runs_dir, _ in runs]
+            while reported < min(len(curve) for curve in curves):
                 trial.report(score(curves, config.objective, reported + 1), reported)
                 reported += 1
                 if trial.should_prune():
