@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     game = dqn_atari.AtariGame(run_args.env_id, args.seed, run_args.frame_skip, run_args.noop_max,
                                end_on_life_loss=False, repeat_action_probability=run_args.repeat_action_probability)
     preprocess = dqn_atari.FramePreprocessor(game.raw.shape[1:], torch.device("cpu"))
-    q_network = dqn_atari.QNetwork(game.n_actions, run_args.bf16)
+    q_network = dqn_atari.QNetwork(game.n_actions)
     q_network.load_state_dict(checkpoint["q_network"])
     print(f"{args.checkpoint}: {run_args.env_id}, step {checkpoint['global_step']:,}, {args.games} games per epsilon")
     for epsilon in args.epsilons:

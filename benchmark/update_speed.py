@@ -35,7 +35,7 @@ VARIANTS = {  # name: (bf16, channels_last)
 def make_update(bf16: bool, channels_last: bool, device: torch.device, n_actions: int = 6, batch_size: int = 32):
     """A closure doing one td_update, with its own networks, optimizer and batch."""
     torch.manual_seed(0)
-    online, target = dqn_atari.QNetwork(n_actions, bf16).to(device), dqn_atari.QNetwork(n_actions, bf16).to(device)
+    online, target = dqn_atari.QNetwork(n_actions).to(device), dqn_atari.QNetwork(n_actions).to(device)
     target.load_state_dict(online.state_dict())
     target.requires_grad_(False)
     obs, next_obs = torch.randint(0, 256, (2, batch_size, dqn_atari.STACK, 84, 84), dtype=torch.uint8, device=device)
@@ -47,7 +47,7 @@ def make_update(bf16: bool, channels_last: bool, device: torch.device, n_actions
              next_obs, torch.zeros(batch_size, device=device))
 
     def update():
-        dqn_atari.td_update(online, target, optimizer, batch, 0.99, 0.0)
+        dqn_atari.td_update(online, target, optimizer, batch, 0.99, 0.0, bf16)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return update

@@ -254,28 +254,33 @@ def test_nature_network_shapes_and_uint8_input():
     assert torch.allclose(network(frames), network.network(frames.float() / 255))
 
 
-def test_bf16_network_keeps_float32_weights_head_and_q_values_and_updates_like_float32():
+def test_bf16_update_keeps_float32_weights_head_and_targets_and_steps_like_float32():
     torch.manual_seed(0)
-    plain, fast = atari.QNetwork(6), atari.QNetwork(6, bf16=True)
-    fast.load_state_dict(plain.state_dict())
     frames = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
-    q_plain, q_fast = plain(frames), fast(frames)
-    assert q_fast.dtype == torch.float32 and torch.allclose(q_fast, q_plain, rtol=0.05, atol=2e-3)
+    network = atari.QNetwork(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q_autocast = network(frames)
+    q_plain = network(frames)
+    assert q_autocast.dtype == torch.float32 and torch.allclose(q_autocast, q_plain, rtol=0.05, atol=2e-3)
+    assert not torch.equal(q_autocast, q_plain), "the layers below the head must run in bf16 under autocast"
     # a bfloat16 head would leave every Q-value on bfloat16's coarse grid
-    assert (q_fast.to(torch.bfloat16).float() != q_fast).float().mean() > 0.9
+    assert (q_autocast.to(torch.bfloat16).float() != q_autocast).float().mean() > 0.9
 
     batch = (frames, torch.randint(0, 6, (32,)), torch.randn(32), frames.flip(0), torch.zeros(32))
-    before = torch.cat([p.detach().flatten() for p in plain.parameters()])
-    losses = []
-    for network in (plain, fast):
-        target = atari.QNetwork(6)
+    before = torch.cat([p.detach().flatten() for p in network.parameters()])
+    losses, steps = [], []
+    for bf16 in (False, True):
+        online, target = atari.QNetwork(6), atari.QNetwork(6)
+        online.load_state_dict(network.state_dict())
         target.load_state_dict(network.state_dict())
-        optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
-        losses.append(atari.td_update(network, target, optimizer, batch, 0.99, 0.0)[0])
+        optimizer = torch.optim.Adam(online.parameters(), lr=1e-4)
+        losses.append(atari.td_update(online, target, optimizer, batch, 0.99, 0.0, bf16)[0])
+        assert all(p.dtype == torch.float32 for p in online.parameters())
+        assert all(state["exp_avg"].dtype == torch.float32 for state in optimizer.state.values())
+        steps.append(torch.cat([p.detach().flatten() for p in online.parameters()]) - before)
+    assert losses[1].dtype == torch.float32 and losses[0] != losses[1], "bf16=True must change the arithmetic"
     assert torch.allclose(losses[0], losses[1], rtol=0.02)
-    assert all(p.dtype == torch.float32 for p in fast.parameters())
     # Adam's first step moves each weight by about lr against its gradient's sign: the signs must agree
-    steps = [torch.cat([p.detach().flatten() for p in network.parameters()]) - before for network in (plain, fast)]
     assert (steps[0] != 0).float().mean() > 0.5  # (weights behind ReLUs dead on this batch do not move)
     assert (steps[0].sign() == steps[1].sign()).float().mean() > 0.95
 

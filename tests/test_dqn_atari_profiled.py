@@ -27,7 +27,7 @@ REPLACED = {
     '"checkpoint_every", "checkpoint_replay", "resume", "cuda", "save_model"}',
     "obs = frame_stack.reset(preprocess(game.reset()))",
     "loss, q_mean = td_update(q_network, target_network, optimizer, replay.sample(args.batch_size),",
-    "args.gamma, args.max_grad_norm)",
+    "args.gamma, args.max_grad_norm, args.bf16)",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
 }

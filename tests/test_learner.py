@@ -101,11 +101,16 @@ def test_no_gradient_reaches_the_target_network(script):
     assert online.weight.grad is not None and not torch.equal(online.weight, tabular_networks()[0].weight)
 
 
-def test_gradient_norm_is_clipped(script):
+def test_gradient_norm_is_clipped_above_the_limit_and_left_alone_below(script):
     online, target = tabular_networks()
     optimizer = torch.optim.SGD(online.parameters(), lr=0.0)
+    script.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=0.0)
+    unclipped = online.weight.grad.clone()
     script.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=0.01)
     assert online.weight.grad.norm().item() == pytest.approx(0.01, rel=1e-4)
+    assert torch.allclose(online.weight.grad, unclipped * 0.01 / unclipped.norm())  # scaled, not reshaped
+    script.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=unclipped.norm().item() * 2)
+    assert torch.equal(online.weight.grad, unclipped)
 
 
 def test_epsilon_greedy_extremes(script):
