@@ -72,21 +72,29 @@ def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=No
     return stdout, usage.ru_maxrss * 1024
 
 
+# Each reference is timed against a dqn_atari.py run with its own settings: SB3 always clips the gradient norm
+# (at 10), CleanRL never does.
+OURS_AS = {"sb3": ("dqn_atari.py, clip 10", ["--max-grad-norm", "10"]), "cleanrl": ("dqn_atari.py", [])}
+
+
 def programs(args, work: Path) -> dict:
-    """name -> function(repeat) returning (learning SPS, replay bytes or None, peak RSS)."""
+    """name -> function(repeat) returning (learning SPS, replay bytes or None, peak RSS), in running order."""
     shared = ["--env-id", args.env_id, "--total-timesteps", str(args.learning_starts + args.steps),
               "--learning-starts", str(args.learning_starts), "--buffer-size", str(args.buffer_size),
               "--batch-size", "32", "--train-frequency", "4", "--target-network-frequency", "1000"]
     cuda = [] if args.cuda else ["--no-cuda"]
 
-    def ours(repeat):
-        runs_dir = work / f"ours-{repeat}"
-        command = [sys.executable, str(REPO / "dqn_atari.py"), *shared, "--max-grad-norm", "10", *cuda,
-                   "--eval-every", "0", "--eval-episodes", "1", "--progress-every", "0", "--runs-dir",
-                   str(runs_dir), *args.extra]
-        stdout, rss = run_measured(command, args.threads, args.cores, work / f"ours-{repeat}.log")
-        replay_gb = float(stdout.split("uint8, ")[1].split(" GB")[0])
-        return learning_sps_from_events(next(runs_dir.iterdir()), args.learning_starts), replay_gb * 1e9, rss
+    def ours(reference):
+        name, flags = OURS_AS[reference]
+
+        def run(repeat):
+            runs_dir = work / f"ours-as-{reference}-{repeat}"
+            command = [sys.executable, str(REPO / "dqn_atari.py"), *shared, *flags, *cuda, "--eval-every", "0",
+                       "--eval-episodes", "1", "--progress-every", "0", "--runs-dir", str(runs_dir), *args.extra]
+            stdout, rss = run_measured(command, args.threads, args.cores, work / f"ours-as-{reference}-{repeat}.log")
+            replay_gb = float(stdout.split("uint8, ")[1].split(" GB")[0])
+            return learning_sps_from_events(next(runs_dir.iterdir()), args.learning_starts), replay_gb * 1e9, rss
+        return name, run
 
     def sb3(repeat):
         command = [str(args.reference_python), str(REPO / "benchmark" / "sb3_dqn_atari.py"), *shared,
@@ -107,9 +115,9 @@ def programs(args, work: Path) -> dict:
         (run_dir,) = (run_root / "runs").iterdir()
         return learning_sps_from_events(run_dir, args.learning_starts), None, rss
 
-    found = {"dqn_atari.py": ours, "sb3": sb3}
+    found = dict([ours("sb3"), ("sb3", sb3)])
     if args.cleanrl:
-        found["cleanrl"] = cleanrl
+        found.update([ours("cleanrl"), ("cleanrl", cleanrl)])
     return found
 
 
@@ -163,13 +171,14 @@ def main(argv=None) -> None:
                 print(f"round {repeat + 1}/{args.repeats} {name}: {sps:.1f} SPS in the learning phase "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     medians = {name: statistics.median(s["learning_sps"] for s in runs) for name, runs in samples.items()}
-    lines = ["| program | median learning-phase SPS | ratio dqn_atari.py / program | peak RSS | replay |",
+    lines = ["| program | median learning-phase SPS | dqn_atari.py with its settings / program | peak RSS | replay |",
              "|---|---|---|---|---|"]
     for name, runs in samples.items():
         rss = max((s["peak_rss_bytes"] or 0) for s in runs)
         replay = runs[0]["replay_bytes"]
-        lines.append(f"| {name} | {medians[name]:.1f} | {medians['dqn_atari.py'] / medians[name]:.2f} | "
-                     f"{f'{rss / 1e9:.2f} GB' if rss else 'n/a'} | {f'{replay / 1e9:.3f} GB' if replay else 'n/a'} |")
+        ratio = f"{medians[OURS_AS[name][0]] / medians[name]:.2f}" if name in OURS_AS else ""
+        lines.append(f"| {name} | {medians[name]:.1f} | {ratio} | {f'{rss / 1e9:.2f} GB' if rss else 'n/a'} | "
+                     f"{f'{replay / 1e9:.3f} GB' if replay else 'n/a'} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
@@ -184,8 +193,10 @@ def main(argv=None) -> None:
         + (f"- CleanRL: {args.cleanrl} at commit {cleanrl_commit(Path(args.cleanrl))}\n" if args.cleanrl else "") +
         f"- {args.repeats} interleaved rounds; each run {args.threads} torch thread(s) on cores "
         f"{sorted(args.cores)}; {args.learning_starts} steps before learning, {args.steps} timed after; "
-        f"batch 32, train every 4, target sync 1000, buffer {args.buffer_size}, gradient norm clipped at 10 "
-        f"(SB3 always clips; CleanRL never does)\n- python {platform.python_version()}\n")
+        f"batch 32, train every 4, target sync 1000, buffer {args.buffer_size}; each reference against "
+        f"dqn_atari.py with its gradient clipping (SB3 clips the norm at 10, CleanRL does not clip)"
+        + (f"; dqn_atari.py flags: `{shlex.join(args.extra)}`" if args.extra else "")
+        + f"\n- python {platform.python_version()}\n")
 
 
 if __name__ == "__main__":

@@ -114,10 +114,11 @@ def test_speed_comparison_end_to_end(tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert [line.split(":")[0] for line in finished.stdout.splitlines() if line.startswith("round")] == [
-        "round 1/2 dqn_atari.py", "round 1/2 sb3", "round 2/2 dqn_atari.py", "round 2/2 sb3"]
+        "round 1/2 dqn_atari.py, clip 10", "round 1/2 sb3", "round 2/2 dqn_atari.py, clip 10", "round 2/2 sb3"]
     report = json.loads((out / "speed.json").read_text())
-    assert set(report["medians"]) == {"dqn_atari.py", "sb3"} and min(report["medians"].values()) > 0
-    assert "| dqn_atari.py |" in (out / "summary.md").read_text()
+    assert set(report["medians"]) == {"dqn_atari.py, clip 10", "sb3"} and min(report["medians"].values()) > 0
+    ratio = report["medians"]["dqn_atari.py, clip 10"] / report["medians"]["sb3"]
+    assert f"| sb3 | {report['medians']['sb3']:.1f} | {ratio:.2f} |" in (out / "summary.md").read_text()
 
 
 def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
