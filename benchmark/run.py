@@ -32,10 +32,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 # Training processes now running: stopped with the runner, never left behind as orphans. Launches and the
-# stop take LAUNCH_LOCK, so no run can start after a stop (queued jobs would otherwise still run).
+# stop take LAUNCH_LOCK, so no run can start after a stop (queued jobs would otherwise still run). Re-entrant:
+# the stop handler runs in the main thread, perhaps while that thread holds the lock to launch a run; a plain
+# Lock deadlocked there, leaving the runner and its runs alive.
 RUNNING = set()
 STOPPED = threading.Event()
-LAUNCH_LOCK = threading.Lock()
+LAUNCH_LOCK = threading.RLock()
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def stop_runs(signum, frame):
@@ -72,14 +75,25 @@ def start_run(script: Path, env_id: str, seed: int, extra: list, core, work_dir:
     command = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed),
                "--runs-dir", str(runs_dir), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None and hasattr(os, "sched_setaffinity") else None
     log_path = log_dir / f"{file_stem(env_id)}_seed{seed}.log"
     with LAUNCH_LOCK:
         if STOPPED.is_set():
             return None
-        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
-        RUNNING.add(process)
+        # A stop signal waits until the new run is in RUNNING, where the handler finds it: landing inside
+        # Popen, after the fork, it would leave a child that nothing stops.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+        def prepare_child():  # runs in the child before exec; a child keeps the mask it is forked with
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # or it would never hear a stop (nor checkpoint)
+            if core is not None and hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, {core})
+        try:
+            with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=prepare_child)
+            RUNNING.add(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return process, runs_dir, log_path
 
 
@@ -252,8 +266,8 @@ def main(argv=None) -> None:
         parser.error(f"no script at {script}")
     if args.seeds < 1 or args.workers < 1:
         parser.error("--seeds and --workers must be at least 1")
-    signal.signal(signal.SIGTERM, stop_runs)
-    signal.signal(signal.SIGINT, stop_runs)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, stop_runs)
     out = Path(args.out)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ import run
 from run import REPO, finish_run, git_commit, machine_description, read_eval_curve, start_run
 
 POLL_SECONDS = 0.5
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 RECHECK_FIRST_SEED = 1001  # seeds no trial has seen
 
 
@@ -265,15 +264,15 @@ def work(config: Config) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    for stop_signal in STOP_SIGNALS:
+    for stop_signal in run.STOP_SIGNALS:
         signal.signal(stop_signal, run.stop_runs)
     study = load_study(config, create=False)
     while counted_trials(study) < config.n_trials:
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop between ask and try would leave it running
+        signal.pthread_sigmask(signal.SIG_BLOCK, run.STOP_SIGNALS)  # a stop between ask and try would leave it running
         trial = study.ask()
         with tempfile.TemporaryDirectory(prefix=f"tune-trial{trial.number}-") as work_dir:
             try:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, run.STOP_SIGNALS)
                 value = run_trial(trial, config, Path(work_dir))
             except optuna.TrialPruned as pruned:
                 study.tell(trial, state=TrialState.PRUNED)
@@ -447,7 +446,7 @@ def main(argv=None) -> None:
                 worker.join()
             sys.exit(f"tune.py: stopped by signal {signum}; the study keeps every finished trial")
 
-        for stop_signal in STOP_SIGNALS:
+        for stop_signal in run.STOP_SIGNALS:
             signal.signal(stop_signal, stop_workers)
         for worker in workers:
             worker.start()

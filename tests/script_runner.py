@@ -1,5 +1,6 @@
 """Running a training script as users do (a subprocess), and what its bad-input errors must look like."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,12 @@ def assert_one_line_error(finished, fragment, script="dqn.py"):
 def is_emulator_banner(line: str) -> bool:
     """The two lines ale-py's emulator prints to stderr whenever it loads a game: not ours to suppress."""
     return line.startswith("A.L.E: Arcade Learning Environment") or line == "[Powered by Stella]"
+
+
+def unique_marker(label: str) -> str:
+    """A run's --exp-name that no other process has in its command line: tmp_path names repeat from one pytest
+    session to the next, so a marker made from them matched an earlier session's orphans."""
+    return f"{label}-{os.getpid()}-{time.monotonic_ns()}"
 
 
 def training_processes(marker: str) -> list:

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from script_runner import assert_signal_stops_every_run
+from script_runner import assert_signal_stops_every_run, unique_marker
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmark"))
@@ -74,7 +75,7 @@ def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
 
 
 def test_stopping_the_runner_stops_its_runs(tmp_path):
-    marker = f"orphan-check-{tmp_path.name}"  # appears in the child's command line, so /proc can find it
+    marker = unique_marker("orphan-check")  # appears in the child's command line, so /proc can find it
     # two seeds on one worker: the second is still queued when the signal comes, and must never start
     command = [*RUNNER, "--env-ids", "CartPole-v1", "--seeds", "2",
                "--workers", "1", "--out", str(tmp_path), "--", "--total-timesteps", "10000000",
@@ -83,6 +84,39 @@ def test_stopping_the_runner_stops_its_runs(tmp_path):
 
     assert_signal_stops_every_run(runner, marker, "terminated 1 running run(s)")
     assert not (tmp_path / "logs" / "CartPole-v1_seed2.log").exists(), "a queued run started after the stop"
+
+
+def test_a_stop_signal_during_a_launch_waits_for_the_run_and_stops_it(tmp_path, monkeypatch):
+    """A stop landing while a run is launched (in the thread that holds LAUNCH_LOCK, after the fork) must neither
+    deadlock, as a plain Lock did, nor miss the new run, not yet in RUNNING."""
+    launched = []
+
+    def popen_then_signal(*args, **kwargs):
+        launched.append(real_popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives as the child starts
+        return launched[-1]
+
+    def deadlocked(signum, frame):
+        raise TimeoutError("the stop handler deadlocked on LAUNCH_LOCK")
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(bench.subprocess, "Popen", popen_then_signal)
+    monkeypatch.setattr(bench, "STOPPED", bench.threading.Event())
+    monkeypatch.setattr(bench, "RUNNING", set())
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    handlers = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, bench.stop_runs), (signal.SIGALRM, deadlocked))}
+    signal.alarm(20)  # lock waits are interruptible: a deadlock becomes this test's failure, not a hang
+    try:
+        with pytest.raises(SystemExit, match="terminated 1 running run"):
+            bench.start_run(script, "CartPole-v1", 1, [], None, tmp_path, tmp_path)
+    finally:
+        signal.alarm(0)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert launched[0].wait(timeout=20) == -signal.SIGTERM
+    assert bench.start_run(script, "CartPole-v1", 2, [], None, tmp_path, tmp_path) is None
 
 
 def test_report_from_finished_run_directories(tmp_path):

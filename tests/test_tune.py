@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import tyro
-from script_runner import assert_signal_stops_every_run
+from script_runner import assert_signal_stops_every_run, unique_marker
 
 import dqn
 import dqn_atari
@@ -123,7 +123,7 @@ def test_a_failing_trial_stops_the_study_with_the_runs_last_line(tmp_path):
 
 
 def test_stopping_the_tuner_stops_its_workers_and_their_runs_and_fails_their_trials(tmp_path):
-    marker = f"tune-stop-{tmp_path.name}"
+    marker = unique_marker("tune-stop")
     tuner = subprocess.Popen([*TUNER, "--out", str(tmp_path), "--workers", "2", "--seeds", "2", "--", "--total-timesteps",
                               "10000000", "--exp-name", marker, "--no-cuda"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
