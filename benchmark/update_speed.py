@@ -24,15 +24,20 @@ from run import REPO, git_commit, machine_description
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
 
-VARIANTS = {  # name: (bf16, channels_last)
-    "float32": (False, False),
-    "bf16": (True, False),
-    "float32 channels_last": (False, True),
-    "bf16 channels_last": (True, True),
+VARIANTS = {  # name: (bf16, channels_last, torch.compile)
+    "float32": (False, False, False),
+    "bf16": (True, False, False),
+    "float32 channels_last": (False, True, False),
+    "bf16 channels_last": (True, True, False),
+}
+COMPILED_VARIANTS = {  # --compile: each network's forward (and so its backward) compiled by inductor
+    "float32 compiled": (False, False, True),
+    "bf16 compiled": (True, False, True),
 }
 
 
-def make_update(bf16: bool, channels_last: bool, device: torch.device, n_actions: int = 6, batch_size: int = 32):
+def make_update(bf16: bool, channels_last: bool, compiled: bool, device: torch.device, n_actions: int = 6,
+                batch_size: int = 32):
     """A closure doing one td_update, with its own networks, optimizer and batch."""
     torch.manual_seed(0)
     online, target = dqn_atari.QNetwork(n_actions).to(device), dqn_atari.QNetwork(n_actions).to(device)
@@ -42,7 +47,10 @@ def make_update(bf16: bool, channels_last: bool, device: torch.device, n_actions
     if channels_last:
         online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
         obs, next_obs = (x.contiguous(memory_format=torch.channels_last) for x in (obs, next_obs))
-    optimizer = torch.optim.Adam(online.parameters(), lr=1e-4)
+    if compiled:
+        online.compile()
+        target.compile()
+    optimizer = dqn_atari.make_optimizer(dqn_atari.Args(), online)  # the script's: fused Adam, lr 1e-4
     batch = (obs, torch.randint(0, n_actions, (batch_size,), device=device), torch.randn(batch_size, device=device),
              next_obs, torch.zeros(batch_size, device=device))
 
@@ -60,6 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds; each times every variant once")
     parser.add_argument("--updates", type=int, default=10, help="updates per variant per round")
     parser.add_argument("--cuda", action="store_true", help="time on the GPU instead of the CPU")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (float32, bf16)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if min(args.threads, args.rounds, args.updates) < 1:
@@ -71,7 +80,8 @@ def main(argv=None) -> None:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
     device = torch.device("cuda" if args.cuda else "cpu")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # others' work sharing the machine
-    updates = {name: make_update(*options, device) for name, options in VARIANTS.items()}
+    variants = {**VARIANTS, **(COMPILED_VARIANTS if args.compile else {})}
+    updates = {name: make_update(*options, device) for name, options in variants.items()}
     for update in updates.values():
         for _ in range(3):
             update()
