@@ -17,6 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dqn_atari  # noqa: E402
 
 
+def load_agent(path: Path, games: int):
+    """A checkpoint, its run's Args (evaluating `games` games), a CPU frame preprocessor and the online network.
+    Raises dqn_atari.ConfigError for a file that is not a dqn_atari.py checkpoint."""
+    checkpoint = dqn_atari.load_checkpoint(str(path))
+    run_args = dqn_atari.Args(**{**vars(dqn_atari.Args()), **checkpoint["args"], "eval_episodes": games})
+    game = dqn_atari.AtariGame(run_args.env_id, 0, run_args.frame_skip, run_args.noop_max,
+                               repeat_action_probability=run_args.repeat_action_probability)
+    preprocess = dqn_atari.FramePreprocessor(game.raw.shape[1:], torch.device("cpu"))
+    q_network = dqn_atari.QNetwork(game.n_actions)
+    q_network.load_state_dict(checkpoint["q_network"])
+    return checkpoint, run_args, preprocess, q_network
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
@@ -25,15 +38,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=777, help="seeds the games (the same for every epsilon)")
     args = parser.parse_args(argv)
     try:
-        checkpoint = dqn_atari.load_checkpoint(str(args.checkpoint))
+        checkpoint, run_args, preprocess, q_network = load_agent(args.checkpoint, args.games)
     except dqn_atari.ConfigError as error:
         parser.error(str(error))
-    run_args = dqn_atari.Args(**{**vars(dqn_atari.Args()), **checkpoint["args"], "eval_episodes": args.games})
-    game = dqn_atari.AtariGame(run_args.env_id, args.seed, run_args.frame_skip, run_args.noop_max,
-                               end_on_life_loss=False, repeat_action_probability=run_args.repeat_action_probability)
-    preprocess = dqn_atari.FramePreprocessor(game.raw.shape[1:], torch.device("cpu"))
-    q_network = dqn_atari.QNetwork(game.n_actions)
-    q_network.load_state_dict(checkpoint["q_network"])
     print(f"{args.checkpoint}: {run_args.env_id}, step {checkpoint['global_step']:,}, {args.games} games per epsilon")
     for epsilon in args.epsilons:
         run_args.eval_epsilon = epsilon

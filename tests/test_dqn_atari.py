@@ -2,6 +2,7 @@
 the loop, and the command line. Seed bugs are named in the docstrings of the tests that catch them; the
 learner pieces shared with dqn.py are tested in test_learner.py."""
 
+import json
 import os
 import signal
 import subprocess
@@ -392,6 +393,29 @@ def test_eval_checkpoint_plays_the_same_games_at_each_epsilon(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         eval_checkpoint.main([str(tmp_path / "missing.pt")])
     assert stop.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+
+
+def test_bf16_check_trains_three_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys):
+    """benchmark/bf16_check.py: float32, bf16 on the same batches and float32 on others, from one checkpoint."""
+    sys.path.insert(0, str(REPO / "benchmark"))
+    import bf16_check
+
+    run = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True))
+    out = tmp_path / "check"
+    bf16_check.main([os.path.join(run["run_dir"], "checkpoint.pt"), "--updates", "8", "--seeds", "2", "--states",
+                     "50", "--games", "1", "--out", str(out)])
+    rows = json.loads((out / "bf16_check.json").read_text())["rows"]
+    assert [(row["seed"], row["variant"]) for row in rows] == [(s, v) for s in (1, 2) for v in bf16_check.VARIANTS]
+    assert all(row["greedy_agreement_with_float32"] == 1.0 for row in rows if row["variant"] == "float32")
+    losses = {row["variant"]: row["td_loss_last_quarter"] for row in rows if row["seed"] == 1}
+    assert len(set(losses.values())) == 3, "bf16 and the other batches must each change the updates"
+    assert "| bf16, same batches |" in (out / "summary.md").read_text()
+
+    no_replay = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        bf16_check.main([os.path.join(no_replay["run_dir"], "checkpoint.pt"), "--out", str(out)])
+    assert stop.value.code == 2 and "holds no replay: write it with --checkpoint-replay" in capsys.readouterr().err
 
 
 def test_flags_given_reads_tyro_spellings():

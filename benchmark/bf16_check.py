@@ -1,0 +1,134 @@
+"""Does `--bf16` learn as float32 does, from the same point? From a dqn_atari.py checkpoint saved with its
+replay, trains on for `--updates` updates three ways for each seed, all starting from the checkpoint's
+networks and optimizer:
+
+- float32;
+- bf16, on the same batches;
+- float32 on other batches. This is the noise floor: how far two float32 runs drift apart on their own.
+
+Each network is then compared with that seed's float32 one. The report gives the share of `--states` replay
+states where both choose the same greedy action, the mean TD loss over the last quarter of the updates, and the
+eval return on the same `--games` games (epsilon 0.05, as every evaluation).
+
+    python benchmark/bf16_check.py runs/<run>/checkpoint.pt --updates 2000 --seeds 3 --out DIR
+
+If bf16 changed learning, its networks would drift from float32's further than the noise floor does. This
+is not a learning curve from scratch. It checks the update itself, over thousands of steps, on a real agent's data.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval_checkpoint import load_agent
+from run import REPO, git_commit, machine_description
+
+sys.path.insert(0, str(REPO))
+import dqn_atari  # noqa: E402
+
+VARIANTS = {  # name: (bf16, batch stream offset)
+    "float32": (False, 0),
+    "bf16, same batches": (True, 0),
+    "float32, other batches": (False, 1000),
+}
+
+
+def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, batch_seed: int, updates: int):
+    """The checkpoint's networks and optimizer, trained on for `updates` updates; returns (network, losses)."""
+    online, target = dqn_atari.QNetwork(n_actions), dqn_atari.QNetwork(n_actions)
+    online.load_state_dict(checkpoint["q_network"])
+    target.load_state_dict(checkpoint["target_network"])
+    target.requires_grad_(False)
+    optimizer = dqn_atari.make_optimizer(run_args, online)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    replay.rng = np.random.default_rng(batch_seed)  # the batches: the same stream for the same seed
+    sync_every = max(1, run_args.target_network_frequency // run_args.train_frequency)  # in updates
+    losses = []
+    for update in range(1, updates + 1):
+        loss, _ = dqn_atari.td_update(online, target, optimizer, replay.sample(run_args.batch_size),
+                                      run_args.gamma, run_args.max_grad_norm, bf16)
+        losses.append(loss.item())
+        if update % sync_every == 0:
+            target.load_state_dict(online.state_dict())
+    return online, losses
+
+
+@torch.no_grad()
+def greedy_actions(network, states: torch.Tensor) -> torch.Tensor:
+    return torch.cat([network(chunk).argmax(dim=1) for chunk in states.split(256)])
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a dqn_atari.py checkpoint written with its replay")
+    parser.add_argument("--updates", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--states", type=int, default=2000, help="replay states on which greedy actions are compared")
+    parser.add_argument("--games", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if min(args.updates, args.seeds, args.states, args.games, args.threads) < 1:
+        parser.error("--updates, --seeds, --states, --games and --threads must be at least 1")
+    try:
+        checkpoint, run_args, preprocess, q_network = load_agent(args.checkpoint, args.games)
+    except dqn_atari.ConfigError as error:
+        parser.error(str(error))
+    if checkpoint.get("replay") is None:
+        parser.error(f"{args.checkpoint} holds no replay: write it with --checkpoint-replay")
+    torch.set_num_threads(args.threads)
+    n_actions = q_network.network[-1].out_features
+    replay = dqn_atari.FrameReplay(run_args.buffer_size, torch.device("cpu"), 0)
+    replay.load_state(checkpoint["replay"])
+    replay.rng = np.random.default_rng(12345)
+    states = replay.sample(args.states)[0]
+
+    rows = []
+    for seed in range(1, args.seeds + 1):
+        networks = {}
+        for name, (bf16, offset) in VARIANTS.items():
+            networks[name], losses = train_on(checkpoint, run_args, replay, n_actions, bf16, seed + offset,
+                                              args.updates)
+            rows.append({"seed": seed, "variant": name, "td_loss_last_quarter": float(np.mean(losses[-len(losses) // 4:]))})
+        reference = greedy_actions(networks["float32"], states)
+        for row in rows[-len(VARIANTS):]:
+            network = networks[row["variant"]]
+            row["greedy_agreement_with_float32"] = float((greedy_actions(network, states) == reference).float().mean())
+            row["eval_returns"] = dqn_atari.Evaluator(run_args, preprocess, 777)(network, step=1).tolist()
+            print(f"seed {seed} {row['variant']}: TD loss {row['td_loss_last_quarter']:.4f}, agreement "
+                  f"{row['greedy_agreement_with_float32']:.3f}, eval {np.mean(row['eval_returns']):.2f}", flush=True)
+
+    lines = ["| variant | greedy agreement with float32 (mean over seeds) | TD loss, last quarter | eval mean | "
+             "eval per seed |", "|---|---|---|---|---|"]
+    for name in VARIANTS:
+        mine = [row for row in rows if row["variant"] == name]
+        evals = [float(np.mean(row["eval_returns"])) for row in mine]
+        lines.append(f"| {name} | {statistics.mean(r['greedy_agreement_with_float32'] for r in mine):.3f} | "
+                     f"{statistics.mean(r['td_loss_last_quarter'] for r in mine):.4f} | {statistics.mean(evals):.2f} | "
+                     + ", ".join(f"{e:.1f}" for e in evals) + " |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
+    (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))
+    (out / "summary.md").write_text(
+        f"# --bf16 against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
+        f"{args.updates} updates, {args.seeds} seeds\n\n{table}\n\n"
+        f"- command (from the repository root): `{command}`\n- commit: {commit}\n"
+        f"- machine: {machine_description()}; torch {torch.__version__}, {args.threads} thread(s)\n"
+        f"- greedy actions compared on {args.states} replay states; eval: {args.games} games at epsilon "
+        f"{run_args.eval_epsilon}, the same games for every network\n")
+
+
+if __name__ == "__main__":
+    main()
