@@ -35,16 +35,15 @@ CLEANRL_REQUIREMENTS = ["torch==2.13.0", "gymnasium==0.29.1", "ale-py==0.9.0", "
                         "tensorboard", "tyro"]
 
 
-def setup_environment(venv: Path, requirements: list) -> None:
+def setup_environment(venv: Path, requirements: list, import_at_start: str = "") -> None:
+    """A venv with `requirements`; `import_at_start` names a module its python imports at every start (a .pth line)."""
     python = str(venv / "bin" / "python")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([python, "-m", "pip", "install", *requirements], check=True)
-    if venv == CLEANRL_VENV:
-        # gymnasium 0.29 learns the Atari ids only from an import of ale_py, which CleanRL's script never makes:
-        # a .pth line makes it at every start of this environment's python.
+    if import_at_start:
         site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               check=True, capture_output=True, text=True).stdout.strip()
-        (Path(site) / "register_ale_ids.pth").write_text("import ale_py\n")
+        (Path(site) / f"import_{import_at_start}.pth").write_text(f"import {import_at_start}\n")
     print(f"reference environment ready: {venv}")
 
 
@@ -91,7 +90,7 @@ def programs(args, work: Path) -> dict:
             runs_dir = work / f"ours-as-{reference}-{repeat}"
             command = [sys.executable, str(REPO / "dqn_atari.py"), *shared, *flags, *cuda, "--eval-every", "0",
                        "--eval-episodes", "1", "--progress-every", "0", "--runs-dir", str(runs_dir), *args.extra]
-            stdout, rss = run_measured(command, args.threads, args.cores, work / f"ours-as-{reference}-{repeat}.log")
+            stdout, rss = run_measured(command, args.threads, args.cores, runs_dir.with_suffix(".log"))
             replay_gb = float(stdout.split("uint8, ")[1].split(" GB")[0])
             return learning_sps_from_events(next(runs_dir.iterdir()), args.learning_starts), replay_gb * 1e9, rss
         return name, run
@@ -147,8 +146,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="folder for speed.json and summary.md")
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
-    if args.setup or args.setup_cleanrl:
-        return setup_environment(*((SB3_VENV, SB3_REQUIREMENTS) if args.setup else (CLEANRL_VENV, CLEANRL_REQUIREMENTS)))
+    if args.setup:
+        return setup_environment(SB3_VENV, SB3_REQUIREMENTS)
+    if args.setup_cleanrl:  # gymnasium 0.29 learns the Atari ids only from an import of ale_py; CleanRL's never makes it
+        return setup_environment(CLEANRL_VENV, CLEANRL_REQUIREMENTS, import_at_start="ale_py")
     if not args.reference_python.exists():
         parser.error(f"no reference environment at {args.reference_python}: run `python benchmark/speed.py --setup`")
     if args.cleanrl and not (Path(args.cleanrl) / "cleanrl" / "dqn_atari.py").is_file():
