@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
+    dqn_atari.keep_freed_memory()  # as dqn_atari.py's train() does: updates that do not page-fault
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
     device = torch.device("cuda" if args.cuda else "cpu")
