@@ -8,7 +8,6 @@ evaluation, checkpoints), then the training loop in `train()`.
 
 import csv
 import ctypes
-import ctypes.util
 import os
 import pickle
 import random
@@ -519,8 +518,10 @@ def keep_freed_memory() -> bool:
     so every update page-faults its weight casts, activations and gradients in again: 800 to 4,000 faults,
     up to 4 ms of an update on this CPU. The heap then settles at the update's working set (tens of MB).
     Returns False where there is no glibc (nothing to tune)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their malloc has no such thresholds
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
