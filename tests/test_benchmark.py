@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from script_runner import assert_signal_stops_every_run, unique_marker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,3 +200,31 @@ def test_update_speed_times_every_variant(tmp_path):
     assert set(report["medians_ms"]) == {*update_speed.VARIANTS, *update_speed.COMPILED_VARIANTS}
     assert min(report["medians_ms"].values()) > 0
     assert "| bf16 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_cartpole_failures_names_how_episodes_end_and_reads_q_against_the_truth(tmp_path, capsys):
+    import cartpole_failures
+
+    sys.path.insert(0, str(REPO))
+    import dqn
+
+    assert cartpole_failures.end_reason(np.array([-2.41, 0, 0.01, 0]), terminated=True) == "cart off the track"
+    assert cartpole_failures.end_reason(np.array([0.3, 0, 0.22, 0]), terminated=True) == "pole down"
+    assert cartpole_failures.end_reason(np.array([-2.41, 0, 0.01, 0]), terminated=False) == "time limit"
+    # A policy that always pushes left: the pole falls long before the cart reaches the edge; Q is 0.7 everywhere
+    q_network = dqn.QNetwork(4, 2, (8,))
+    with torch.no_grad():
+        q_network.network[-1].weight.zero_()
+        q_network.network[-1].bias.copy_(torch.tensor([0.7, 0.0]))
+    args = dqn.Args(hidden_sizes=(8,))
+    model = str(tmp_path / "left.pt")
+    dqn.save_model(model, q_network, args, obs_dim=4, n_actions=2)
+    cartpole_failures.main([model, "--episodes", "3", "--lookahead", "5", "--out", str(tmp_path / "out")])
+    row = json.loads((tmp_path / "out" / "failures.json").read_text())["models"][model]
+    assert row["ends"] == {"cart off the track": 0, "pole down": 3, "time limit": 0}
+    assert row["q_first_state"] == pytest.approx(0.7) and row["q_5_steps_before_failure"] == pytest.approx(0.7)
+    assert row["q_ceiling"] == pytest.approx(args.reward_scale / (1 - args.gamma))
+    assert row["return_5_steps_before_failure"] == pytest.approx(args.reward_scale * sum(0.99 ** k for k in range(5)))
+    with pytest.raises(SystemExit) as exit_info:
+        cartpole_failures.main([str(tmp_path / "missing.pt")])
+    assert exit_info.value.code == 2 and "no saved model at" in capsys.readouterr().err
