@@ -18,8 +18,6 @@ is not a learning curve from scratch. It checks the update itself, over thousand
 
 import argparse
 import json
-import os
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 from eval_checkpoint import load_agent
-from run import REPO, git_commit, machine_description
+from run import REPO, command_line, git_commit, machine_description
 
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
@@ -118,7 +116,7 @@ def main(argv=None) -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    command = command_line(__file__, argv)
     commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
     (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))
     (out / "summary.md").write_text(

@@ -12,8 +12,6 @@ the end beside the discounted return that actually followed (exact there: the fa
 
 import argparse
 import json
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from run import REPO, git_commit, machine_description
+from run import REPO, command_line, git_commit, machine_description
 
 sys.path.insert(0, str(REPO))
 import dqn  # noqa: E402
@@ -102,7 +100,7 @@ def main(argv=None) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+        command = command_line(__file__, argv)
         commit = git_commit([Path(__file__), REPO / "dqn.py"])
         (out / "failures.json").write_text(json.dumps({"command": command, "commit": commit, "models": rows},
                                                       indent=1) + "\n")

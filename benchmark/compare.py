@@ -7,13 +7,11 @@ error band in one PNG, and a table of final evals.
 
 import argparse
 import csv
-import os
-import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from run import REPO, RunResult, file_stem, mean_and_se, plot_groups
+from run import REPO, RunResult, command_line, file_stem, mean_and_se, plot_groups
 
 
 def load_results(folder: Path, env_id: str) -> list:
@@ -55,7 +53,7 @@ def main(argv=None) -> None:
         lines.append(f"| {label} | {len(results)} | {mean:.2f} ± {se:.2f} | {finals} |")
     table = "\n".join(lines)
     print(table)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    command = command_line(__file__, argv)
     (out / "summary.md").write_text(f"# {args.env_id}: {', '.join(label for label, _ in groups)}\n\n{table}\n\n"
                                     f"- command (from the repository root): `{command}`\n"
                                     "- each folder's summary.md gives its own command, commit and machine\n")

@@ -212,6 +212,11 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def command_line(script: str, argv: list) -> str:
+    """How a benchmark script was invoked, written as the command that reruns it from the repository root."""
+    return "python " + shlex.join([os.path.relpath(script, REPO)] + argv)
+
+
 def git_commit(code: list) -> str:
     """HEAD, flagged when the files that produced the result (script, runner) differ from it."""
     try:
@@ -308,7 +313,7 @@ def write_report(args, argv: list, env_ids: list, results: list, script, seconds
         rows.append(write_env_outputs(out, env_id, [r for r in results if r.env_id == env_id], threshold))
     table = format_table(rows)
     print(table)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    command = command_line(__file__, argv)
     code = [Path(__file__)] + ([script] if script else [])
     seeds = sorted({r.seed for r in results})
     (out / "summary.md").write_text(

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO, git_commit, machine_description
+from run import REPO, command_line, git_commit, machine_description
 
 SB3_VENV = REPO / "benchmark" / ".sb3-venv"
 CLEANRL_VENV = REPO / "benchmark" / ".cleanrl-venv"
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    command = command_line(__file__, argv)
     (out / "speed.json").write_text(json.dumps({"samples": samples, "medians": medians}, indent=1))
     (out / "summary.md").write_text(
         f"# Learning-phase speed, {args.env_id}\n\n{table}\n\n"

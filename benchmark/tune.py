@@ -34,7 +34,7 @@ from pathlib import Path
 
 import compare
 import run
-from run import REPO, finish_run, git_commit, machine_description, read_eval_curve, start_run
+from run import REPO, command_line, finish_run, git_commit, machine_description, read_eval_curve, start_run
 
 POLL_SECONDS = 0.5
 RECHECK_FIRST_SEED = 1001  # seeds no trial has seen
@@ -368,7 +368,7 @@ def report(config: Config, argv: list, workers: int, recheck_seeds: int, seconds
     else:
         recheck_text = "Re-check: not run (`--recheck-seeds 0`)."
     seeds = ", ".join(map(str, config.seeds))
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    command = command_line(__file__, argv)
     text = (
         f"# {config.env_id}: study {config.study!r} ({config.objective} eval return, mean of seeds {seeds})\n\n"
         f"Best: trial {best.number}, {best.value:.2f}\n\n```bash\n{best_command}\n```\n\n"

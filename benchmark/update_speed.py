@@ -11,7 +11,6 @@ batch). Each variant starts from the same weights; warm-up updates are not timed
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from run import REPO, git_commit, machine_description
+from run import REPO, command_line, git_commit, machine_description
 
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
@@ -102,7 +101,7 @@ def main(argv=None) -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO)] + argv)
+    command = command_line(__file__, argv)
     code = [Path(__file__), REPO / "dqn_atari.py"]
     device_name = torch.cuda.get_device_name() if args.cuda else machine_description()
     (out / "update_speed.json").write_text(json.dumps(

@@ -204,9 +204,7 @@ def test_update_speed_times_every_variant(tmp_path):
 
 def test_cartpole_failures_names_how_episodes_end_and_reads_q_against_the_truth(tmp_path, capsys):
     import cartpole_failures
-
-    sys.path.insert(0, str(REPO))
-    import dqn
+    import dqn  # importable: cartpole_failures puts the repository root on the path
 
     assert cartpole_failures.end_reason(np.array([-2.41, 0, 0.01, 0]), terminated=True) == "cart off the track"
     assert cartpole_failures.end_reason(np.array([0.3, 0, 0.22, 0]), terminated=True) == "pole down"
