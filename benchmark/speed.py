@@ -114,15 +114,20 @@ def programs(args, work: Path) -> dict:
         (run_dir,) = (run_root / "runs").iterdir()
         return learning_sps_from_events(run_dir, args.learning_starts), None, rss
 
-    found = dict([ours("sb3"), ("sb3", sb3)])
+    found = {} if args.no_sb3 else dict([ours("sb3"), ("sb3", sb3)])
     if args.cleanrl:
         found.update([ours("cleanrl"), ("cleanrl", cleanrl)])
     return found
 
 
 def cleanrl_commit(checkout: Path) -> str:
-    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return found.stdout.strip() if found.returncode == 0 else "unknown (not a git checkout)"
+    """HEAD of the checkout, if it is a git repository's top (a plain copy inside another repository is not)."""
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                           text=True)
+    lines = found.stdout.split()
+    if found.returncode != 0 or Path(lines[0]).resolve() != checkout.resolve():
+        return "unknown (not a git checkout)"
+    return lines[1]
 
 
 def main(argv=None) -> None:
@@ -139,6 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (both programs)")
     parser.add_argument("--cleanrl", help="a CleanRL checkout: also time its cleanrl/dqn_atari.py")
+    parser.add_argument("--no-sb3", action="store_true", help="time only CleanRL (needs --cleanrl), not SB3")
     parser.add_argument("--reference-python", type=Path, default=SB3_VENV / "bin" / "python",
                         help="the python of the reference environment (default: made by --setup)")
     parser.add_argument("--cleanrl-python", type=Path, default=CLEANRL_VENV / "bin" / "python",
@@ -150,7 +156,9 @@ def main(argv=None) -> None:
         return setup_environment(SB3_VENV, SB3_REQUIREMENTS)
     if args.setup_cleanrl:  # gymnasium 0.29 learns the Atari ids only from an import of ale_py; CleanRL's never makes it
         return setup_environment(CLEANRL_VENV, CLEANRL_REQUIREMENTS, import_at_start="ale_py")
-    if not args.reference_python.exists():
+    if args.no_sb3 and not args.cleanrl:
+        parser.error("--no-sb3 leaves nothing to compare against: give --cleanrl PATH")
+    if not args.no_sb3 and not args.reference_python.exists():
         parser.error(f"no reference environment at {args.reference_python}: run `python benchmark/speed.py --setup`")
     if args.cleanrl and not (Path(args.cleanrl) / "cleanrl" / "dqn_atari.py").is_file():
         parser.error(f"{args.cleanrl} is not a CleanRL checkout (no cleanrl/dqn_atari.py)")

@@ -186,10 +186,13 @@ def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_pa
                           ([*reference, "--cleanrl", str(tmp_path)],
                            "is not a CleanRL checkout (no cleanrl/dqn_atari.py)"),
                           ([*reference, "--cleanrl", str(checkout), "--cleanrl-python", str(tmp_path / "none")],
-                           "no CleanRL environment at")):
+                           "no CleanRL environment at"),
+                          (["--no-sb3", "--out", str(tmp_path)], "--no-sb3 leaves nothing to compare against")):
         with pytest.raises(SystemExit) as exit_info:
             speed.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    # a copy of CleanRL inside another repository must not report that repository's commit as CleanRL's
+    assert speed.cleanrl_commit(checkout) == speed.cleanrl_commit(REPO / "benchmark") == "unknown (not a git checkout)"
 
 
 def test_update_speed_times_every_variant(tmp_path):
