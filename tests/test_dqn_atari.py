@@ -546,3 +546,40 @@ def test_batches_and_preprocessed_frames_land_on_the_training_device():
     computed = [(op, device) for op, device in ops.seen if "lift_fresh" not in op]
     assert any("amax" in op for op, _ in computed) and any(".mm." in op for op, _ in computed)
     assert all(device == "meta" for _, device in computed), f"work done off the device: {computed}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to record CUDA graphs")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graphed_updates_and_actions_give_the_plain_numbers_bit_for_bit(bf16):
+    """The graphs replay the same kernels: 10 updates (a target sync mid-way, clipping on) must leave the same
+    losses, greedy actions and weights as plain calls, exactly. A replay that read stale inputs, old target
+    weights or a stale optimizer step count would differ."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (10, 32, 4, 84, 84), dtype=torch.uint8, device=cuda)
+    batches = [(frames[k], torch.randint(0, 6, (32,), device=cuda), torch.randn(32, device=cuda), frames[k].flip(0),
+                (torch.rand(32, device=cuda) < 0.1).float()) for k in range(10)]
+    start = atari.QNetwork(6).state_dict()
+    runs = []
+    for graphs in (False, True):
+        online, target = atari.QNetwork(6).to(cuda), atari.QNetwork(6).to(cuda)
+        online.load_state_dict(start)
+        target.load_state_dict(start)
+        optimizer = atari.make_optimizer(atari.Args(), online, capturable=graphs)
+        update = atari.CudaGraphed(lambda *batch: atari.td_update(online, target, optimizer, batch, 0.99, 10.0, bf16),
+                                   graphs)
+        act = atari.CudaGraphed(lambda obs: online(obs).argmax(dim=1), graphs)
+        losses, actions = [], []
+        for k, batch in enumerate(batches):
+            losses.append(update(*batch)[0].clone())
+            if k == 5:
+                target.load_state_dict(online.state_dict())
+            with torch.no_grad():
+                actions.append(act(batch[0][k:k + 1]).clone())
+        weights = torch.cat([p.detach().flatten() for p in online.parameters()])
+        runs.append((torch.stack(losses), torch.cat(actions), weights))
+        assert (update.graph is not None) == graphs and (act.graph is not None) == graphs
+    (plain_losses, plain_actions, plain_weights), (graph_losses, graph_actions, graph_weights) = runs
+    assert len(set(plain_losses.tolist())) == 10  # ten different batches, so a replay of a stale one would show
+    assert torch.equal(plain_losses, graph_losses) and torch.equal(plain_actions, graph_actions)
+    assert torch.equal(plain_weights, graph_weights), (plain_weights - graph_weights).abs().max()

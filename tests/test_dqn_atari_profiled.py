@@ -24,10 +24,9 @@ REPLACED = {
     "eval_every: int = 250_000",
     "eval_episodes: int = 10",
     "progress_every: int = 10_000",
-    '"checkpoint_every", "checkpoint_replay", "resume", "cuda", "save_model"}',
+    '"checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model"}',
     "obs = frame_stack.reset(preprocess(game.reset()))",
-    "loss, q_mean = td_update(q_network, target_network, optimizer, replay.sample(args.batch_size),",
-    "args.gamma, args.max_grad_norm, args.bf16)",
+    "loss, q_mean = update(*replay.sample(args.batch_size))",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
 }
