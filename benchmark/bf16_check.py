@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from eval_checkpoint import load_agent
-from run import REPO, command_line, git_commit, machine_description
+from run import REPO, command_line, git_commit, provenance
 
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
@@ -122,9 +122,8 @@ def main(argv=None) -> None:
     (out / "summary.md").write_text(
         f"# --bf16 against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
         f"{args.updates} updates, {args.seeds} seeds\n\n{table}\n\n"
-        f"- command (from the repository root): `{command}`\n- commit: {commit}\n"
-        f"- machine: {machine_description()}; torch {torch.__version__}, {args.threads} thread(s)\n"
-        f"- greedy actions compared on {args.states} replay states; eval: {args.games} games at epsilon "
+        + provenance(command, commit, f"; torch {torch.__version__}, {args.threads} thread(s)")
+        + f"- greedy actions compared on {args.states} replay states; eval: {args.games} games at epsilon "
         f"{run_args.eval_epsilon}, the same games for every network\n")
 
 

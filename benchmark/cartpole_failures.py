@@ -19,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from run import REPO, command_line, git_commit, machine_description
+from run import REPO, command_line, git_commit, provenance
 
 sys.path.insert(0, str(REPO))
 import dqn  # noqa: E402
@@ -106,8 +106,7 @@ def main(argv=None) -> None:
                                                       indent=1) + "\n")
         (out / "summary.md").write_text(
             f"# How greedy CartPole-v1 episodes end ({args.episodes} per model)\n\n{table}\n\n"
-            f"- command (from the repository root): `{command}`\n- commit: {commit}\n"
-            f"- machine: {machine_description()}\n")
+            + provenance(command, commit))
 
 
 if __name__ == "__main__":

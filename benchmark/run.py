@@ -217,6 +217,12 @@ def command_line(script: str, argv: list) -> str:
     return "python " + shlex.join([os.path.relpath(script, REPO)] + argv)
 
 
+def provenance(command: str, commit: str, machine_note: str = "") -> str:
+    """The lines every summary.md ends its header with: how to rerun it, from which code, on what machine."""
+    return (f"- command (from the repository root): `{command}`\n- commit: {commit}\n"
+            f"- machine: {machine_description()}{machine_note}\n")
+
+
 def git_commit(code: list) -> str:
     """HEAD, flagged when the files that produced the result (script, runner) differ from it."""
     try:
@@ -318,8 +324,7 @@ def write_report(args, argv: list, env_ids: list, results: list, script, seconds
     seeds = sorted({r.seed for r in results})
     (out / "summary.md").write_text(
         f"# {', '.join(env_ids)}: {len(seeds)} seed{'s' if len(seeds) > 1 else ''}\n\n{table}\n\n"
-        f"- command (from the repository root): `{command}`\n- commit: {git_commit(code)}\n"
-        f"- machine: {machine_description()}\n- {how}\n- total wall: {seconds:.0f} s\n")
+        + provenance(command, git_commit(code)) + f"- {how}\n- total wall: {seconds:.0f} s\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO, command_line, git_commit, machine_description
+from run import REPO, command_line, git_commit, provenance
 
 SB3_VENV = REPO / "benchmark" / ".sb3-venv"
 CLEANRL_VENV = REPO / "benchmark" / ".cleanrl-venv"
@@ -124,7 +124,7 @@ def cleanrl_commit(checkout: Path) -> str:
     """HEAD of the checkout, if it is a git repository's top (a plain copy inside another repository is not)."""
     found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
                            text=True)
-    lines = found.stdout.split()
+    lines = found.stdout.splitlines()
     if found.returncode != 0 or Path(lines[0]).resolve() != checkout.resolve():
         return "unknown (not a git checkout)"
     return lines[1]
@@ -193,12 +193,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(__file__, argv)
+    commit = git_commit([REPO / "dqn_atari.py", Path(__file__), REPO / "benchmark" / "sb3_dqn_atari.py"])
     (out / "speed.json").write_text(json.dumps({"samples": samples, "medians": medians}, indent=1))
     (out / "summary.md").write_text(
         f"# Learning-phase speed, {args.env_id}\n\n{table}\n\n"
-        f"- command (from the repository root): `{command}`\n"
-        f"- commit: {git_commit([REPO / 'dqn_atari.py', Path(__file__), REPO / 'benchmark' / 'sb3_dqn_atari.py'])}\n"
-        f"- machine: {machine_description()}; device: {'cuda' if args.cuda else 'cpu'}\n"
+        + provenance(command, commit, f"; device: {'cuda' if args.cuda else 'cpu'}")
         + (f"- CleanRL: {args.cleanrl} at commit {cleanrl_commit(Path(args.cleanrl))}\n" if args.cleanrl else "") +
         f"- {args.repeats} interleaved rounds; each run {args.threads} torch thread(s) on cores "
         f"{sorted(args.cores)}; {args.learning_starts} steps before learning, {args.steps} timed after; "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import compare
 import run
-from run import REPO, command_line, finish_run, git_commit, machine_description, read_eval_curve, start_run
+from run import REPO, command_line, finish_run, git_commit, provenance, read_eval_curve, start_run
 
 POLL_SECONDS = 0.5
 RECHECK_FIRST_SEED = 1001  # seeds no trial has seen
@@ -378,8 +378,7 @@ def report(config: Config, argv: list, workers: int, recheck_seeds: int, seconds
         f"- tuned: {', '.join(config.params)}; fixed after `--`: `{shlex.join(config.fixed) or 'nothing'}`\n"
         f"- pruner: {config.pruner}; this invocation: {workers} worker process(es), {seconds:.0f} s wall "
         f"including the re-check\n"
-        f"- command (from the repository root): `{command}`\n- commit: {git_commit([Path(__file__), config.script])}\n"
-        f"- machine: {machine_description()}\n" + "".join(f"- {note}\n" for note in notes))
+        + provenance(command, git_commit([Path(__file__), config.script])) + "".join(f"- {note}\n" for note in notes))
     (config.out / "summary.md").write_text(text)
     print(text)
 
