@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parameters_to_vector
 
 import dqn_atari as atari
 from script_runner import REPO, assert_one_line_error, run_script
@@ -269,7 +270,7 @@ def test_bf16_update_keeps_float32_weights_head_and_targets_and_steps_like_float
     assert (q_autocast.to(torch.bfloat16).float() != q_autocast).float().mean() > 0.9
 
     batch = (frames, torch.randint(0, 6, (32,)), torch.randn(32), frames.flip(0), torch.zeros(32))
-    before = torch.cat([p.detach().flatten() for p in network.parameters()])
+    before = parameters_to_vector(network.parameters()).detach()
     losses, steps = [], []
     for bf16 in (False, True):
         online, target = atari.QNetwork(6), atari.QNetwork(6)
@@ -279,7 +280,7 @@ def test_bf16_update_keeps_float32_weights_head_and_targets_and_steps_like_float
         losses.append(atari.td_update(online, target, optimizer, batch, 0.99, 0.0, bf16)[0])
         assert all(p.dtype == torch.float32 for p in online.parameters())
         assert all(state["exp_avg"].dtype == torch.float32 for state in optimizer.state.values())
-        steps.append(torch.cat([p.detach().flatten() for p in online.parameters()]) - before)
+        steps.append(parameters_to_vector(online.parameters()).detach() - before)
     assert losses[1].dtype == torch.float32 and losses[0] != losses[1], "bf16=True must change the arithmetic"
     assert torch.allclose(losses[0], losses[1], rtol=0.02)
     # Adam's first step moves each weight by about lr against its gradient's sign: the signs must agree
@@ -576,8 +577,7 @@ def test_cuda_graphed_updates_and_actions_give_the_plain_numbers_bit_for_bit(bf1
                 target.load_state_dict(online.state_dict())
             with torch.no_grad():
                 actions.append(act(batch[0][k:k + 1]).clone())
-        weights = torch.cat([p.detach().flatten() for p in online.parameters()])
-        runs.append((torch.stack(losses), torch.cat(actions), weights))
+        runs.append((torch.stack(losses), torch.cat(actions), parameters_to_vector(online.parameters()).detach()))
         assert (update.graph is not None) == graphs and (act.graph is not None) == graphs
     (plain_losses, plain_actions, plain_weights), (graph_losses, graph_actions, graph_weights) = runs
     assert len(set(plain_losses.tolist())) == 10  # ten different batches, so a replay of a stale one would show
@@ -592,7 +592,7 @@ def test_a_training_run_with_cuda_graphs_matches_one_without(tmp_path):
 
     def run(name, cuda_graphs):
         result = atari.train(small_args(tmp_path / name, cuda=True, cuda_graphs=cuda_graphs))
-        weights = torch.cat([p.detach().flatten() for p in result["q_network"].parameters()]).cpu()
+        weights = parameters_to_vector(result["q_network"].parameters()).detach().cpu()
         return result["game_returns"], result["final_returns"].tolist(), weights
 
     plain, plain_again, graphed = run("plain", False), run("plain-again", False), run("graphed", True)
