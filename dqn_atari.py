@@ -16,13 +16,14 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.multiprocessing
 import torch.nn.functional as F
 import tyro
 
@@ -77,6 +78,10 @@ class Args:
     """on CUDA, record the update and the greedy action once each as a CUDA graph and replay it: the same kernels
     on the same memory (the same numbers), launched at once instead of one by one from Python, which at batch
     32 sets the pace. No effect on the CPU"""
+    num_envs: int = 1
+    """training games stepped at once, each past the first in a worker process of its own. Every game's
+    step counts as one env step, so train_frequency, learning_starts, target_network_frequency and
+    total_timesteps count transitions as with one game; game k is seeded with seed + k. 1: Nature's setting"""
     frame_skip: int = 4
     """emulator frames per agent step (the action is repeated; the max over the last two is observed)"""
     noop_max: int = 30
@@ -120,7 +125,7 @@ class ConfigError(Exception):
 def check_args(args: Args) -> None:
     # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
-                "eval_episodes", "frame_skip", "learning_rate", "learning_starts"]
+                "eval_episodes", "frame_skip", "learning_rate", "learning_starts", "num_envs"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -134,8 +139,9 @@ def check_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     if not 0.0 < args.exploration_fraction <= 1.0:
         raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
-    if args.buffer_size < 2 * STACK:
-        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames, got {args.buffer_size}")
+    if args.buffer_size < 2 * STACK * args.num_envs:  # each game's ring must hold two stacks
+        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames per game "
+                          f"({2 * STACK * args.num_envs} for {args.num_envs}), got {args.buffer_size}")
 
 
 # ---- Environment -------------------------------------------------------------------------------------------
@@ -254,6 +260,119 @@ class AtariGame:
         self.game_return, self.game_length = state["game_return"], state["game_length"]
 
 
+class Outcome(NamedTuple):
+    """One training game's step, as the loop needs it (game_return and game_length: the whole game so far)."""
+    reward: float
+    terminated: bool
+    truncated: bool
+    game_over: bool
+    game_return: float
+    game_length: int
+
+
+def step_game(game: AtariGame, action: int, final: np.ndarray, first: np.ndarray) -> Outcome:
+    """Steps a training game: its last two raw frames go to `final` and, when its episode ended, the next
+    episode's first frames to `first` (the reset happens here, where the game is)."""
+    raw, reward, terminated, truncated, game_over = game.step(action)
+    final[:] = raw
+    outcome = Outcome(reward, terminated, truncated, game_over, game.game_return, game.game_length)
+    if terminated or truncated:
+        first[:] = game.reset()
+    return outcome
+
+
+def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -> None:
+    """A worker process: plays training game `index`, told what to do through `connection`; its frames go
+    to the shared `frames` tensor, where the trainer reads them without a copy through the pipe."""
+    # Ctrl-C reaches every process of the terminal's group, and a scheduler may signal them all: the
+    # trainer alone handles both, and asks this game for its state for the checkpoint before it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    game = AtariGame(*settings)
+    final, first = frames.numpy()[:, index]
+    try:
+        while True:
+            command, argument = connection.recv()
+            if command == "step":
+                connection.send(step_game(game, argument, final, first))
+            elif command == "reset":
+                first[:] = game.reset()
+                connection.send(None)
+            elif command == "state":
+                connection.send(game.state())
+            elif command == "load_state":
+                game.load_state(argument)
+                connection.send(None)
+            else:  # "close"
+                return
+    except EOFError:  # the trainer is gone
+        return
+
+
+class Games:
+    """The training games, stepped together. Game 0 runs in this process and each other game in a worker
+    process of its own, all emulating at once: ALE holds Python's GIL while it emulates, so threads would
+    take turns. Game k is seeded with seed + k; with one game, this is exactly that game.
+    `final` and `first` (games, 2, 210, 160) hold each game's last step and next episode's first frames."""
+
+    def __init__(self, n: int, env_id: str, seed: int, frame_skip: int, noop_max: int,
+                 repeat_action_probability: Optional[float]):
+        settings = [(env_id, seed + k, frame_skip, noop_max, True, repeat_action_probability) for k in range(n)]
+        self.local = AtariGame(*settings[0])
+        self.n_actions, self.raw_shape = self.local.n_actions, self.local.raw.shape[1:]
+        shared = torch.zeros((2, n, *self.local.raw.shape), dtype=torch.uint8).share_memory_()
+        self.final, self.first = shared.numpy()
+        context = torch.multiprocessing.get_context("spawn")  # a forked child would inherit a CUDA context
+        self.connections, self.workers = [], []
+        for k in range(1, n):
+            ours, theirs = context.Pipe()
+            worker = context.Process(target=game_worker, args=(theirs, shared, k, settings[k]), daemon=True)
+            worker.start()
+            theirs.close()
+            self.connections.append(ours)
+            self.workers.append(worker)
+
+    def _ask_all(self, command: str, arguments: list, local_call) -> list:
+        """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
+        for connection, argument in zip(self.connections, arguments[1:]):
+            connection.send((command, argument))
+        answers = [local_call(arguments[0])]
+        for k, connection in enumerate(self.connections, start=1):
+            try:
+                answers.append(connection.recv())
+            except EOFError:
+                raise RuntimeError(f"the worker process of training game {k} exited (its error is above)") from None
+        return answers
+
+    def reset(self) -> np.ndarray:
+        """Starts every game's first episode; returns `first`."""
+        def reset_local(_):
+            self.first[0] = self.local.reset()
+        self._ask_all("reset", [None] * self.n, reset_local)
+        return self.first
+
+    def step(self, actions: np.ndarray) -> list:
+        """One step of every game; returns their Outcomes (their frames are in `final` and `first`)."""
+        return self._ask_all("step", [int(action) for action in actions],
+                             lambda action: step_game(self.local, action, self.final[0], self.first[0]))
+
+    def states(self) -> list:
+        return self._ask_all("state", [None] * self.n, lambda _: self.local.state())
+
+    def load_states(self, states: list) -> None:
+        self._ask_all("load_state", states, self.local.load_state)
+
+    @property
+    def n(self) -> int:
+        return len(self.connections) + 1
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.send(("close", None))
+        for worker in self.workers:
+            worker.join()
+
+
 # ---- Preprocessing on the training device ------------------------------------------------------------------
 
 
@@ -288,18 +407,20 @@ class FramePreprocessor:
 
 
 class FrameStack:
-    """The agent's observation: the last 4 preprocessed frames, kept on the device. A new episode's first
-    frame fills all 4 slots (the replay rebuilds stacks the same way)."""
+    """Each training game's observation, (games, 4, 84, 84) on the device: its last 4 preprocessed frames.
+    A new episode's first frame fills all 4 slots (the replay rebuilds stacks the same way)."""
 
-    def __init__(self, device: torch.device):
-        self.frames = torch.zeros(STACK, FRAME_SIZE, FRAME_SIZE, dtype=torch.uint8, device=device)
+    def __init__(self, n_games: int, device: torch.device):
+        self.frames = torch.zeros(n_games, STACK, FRAME_SIZE, FRAME_SIZE, dtype=torch.uint8, device=device)
 
-    def reset(self, frame: torch.Tensor) -> torch.Tensor:
-        self.frames = frame.expand(STACK, -1, -1).clone()
+    def reset(self, first_frames: torch.Tensor, games=slice(None)) -> torch.Tensor:
+        """first_frames: (len(games), 84, 84), new episodes' first frames for the games listed."""
+        self.frames[games] = first_frames.unsqueeze(1)
         return self.frames
 
-    def push(self, frame: torch.Tensor) -> torch.Tensor:
-        self.frames = torch.cat([self.frames[1:], frame.unsqueeze(0)])
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: (games, 84, 84), every game's newest frame."""
+        self.frames = torch.cat([self.frames[:, 1:], frames.unsqueeze(1)], dim=1)
         return self.frames
 
 
@@ -330,13 +451,18 @@ class FrameReplay:
     no frame of its stack has been overwritten by the write pointer. Sampling is randint over the filled
     slots, redrawing the few invalid ones; the frames live in pinned memory on CUDA so a batch is copied
     to the device asynchronously.
+
+    With several training games (`streams`), each game writes to a ring of its own, capacity // streams
+    slots, so its stacks stay contiguous; a batch draws from all the rings alike.
     """
 
     # the per-slot fields beside the frame, one array each (self.actions, self.rewards, ...)
     FIELDS = {"actions": np.int64, "rewards": np.float32, "terminated": np.bool_, "history": np.uint8,
               "starts_transition": np.bool_}
 
-    def __init__(self, capacity: int, device: torch.device, seed):
+    def __init__(self, capacity: int, device: torch.device, seed, streams: int = 1):
+        self.streams, self.ring = streams, capacity // streams
+        capacity = self.ring * streams
         slot_bytes = FRAME_SIZE * FRAME_SIZE + sum(np.dtype(dtype).itemsize for dtype in self.FIELDS.values())
         needed = capacity * slot_bytes
         available = available_memory_bytes()
@@ -349,59 +475,80 @@ class FrameReplay:
         self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
         for name, dtype in self.FIELDS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
-        self.position = 0  # next slot to write: the oldest one once the ring is full
-        self.size = 0
-        self.episode_steps = 0
+        # per ring: the next slot to write (its oldest once full), the slots filled, the current episode's steps
+        self.positions = np.zeros(streams, dtype=np.int64)
+        self.sizes = np.zeros(streams, dtype=np.int64)
+        self.episode_steps = np.zeros(streams, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
         self.staging = torch.empty((0,), dtype=torch.uint8, pin_memory=self.pinned)
         self.copy_done = None
         self.nbytes = needed
 
-    def _write(self, frame: torch.Tensor, starts_transition: bool) -> int:
-        i = self.position
+    @property
+    def size(self) -> int:
+        """Slots filled, over all rings."""
+        return int(self.sizes.sum())
+
+    def _write(self, frame: torch.Tensor, starts_transition: bool, stream: int) -> int:
+        i = stream * self.ring + int(self.positions[stream])
         self.frames[i].copy_(frame)
-        self.history[i] = min(self.episode_steps, STACK - 1)
+        self.history[i] = min(self.episode_steps[stream], STACK - 1)
         self.starts_transition[i] = starts_transition
-        self.position = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+        self.positions[stream] = (self.positions[stream] + 1) % self.ring
+        self.sizes[stream] = min(self.sizes[stream] + 1, self.ring)
         return i
 
     def add(self, frame: torch.Tensor, action: int, reward: float, terminated: bool,
-            episode_end: bool, next_frame: torch.Tensor) -> int:
-        """Stores (s_t's newest frame, a_t, r_t, terminated); at an episode's end also s_{t+1}'s final frame.
-        Returns the slot of the transition."""
-        i = self._write(frame, True)
+            episode_end: bool, next_frame: torch.Tensor, stream: int = 0) -> int:
+        """Stores (s_t's newest frame, a_t, r_t, terminated) in the ring of training game `stream`; at an
+        episode's end also s_{t+1}'s final frame. Returns the slot of the transition."""
+        i = self._write(frame, True, stream)
         self.actions[i], self.rewards[i], self.terminated[i] = action, reward, terminated
-        self.episode_steps += 1
+        self.episode_steps[stream] += 1
         if episode_end:
-            self._write(next_frame, False)
-            self.episode_steps = 0
+            self._write(next_frame, False, stream)
+            self.episode_steps[stream] = 0
         return i
 
+    def shift(self, idx: np.ndarray, by) -> np.ndarray:
+        """The slots `by` places after idx (before, if negative), each within its own ring."""
+        ring_start = idx - idx % self.ring
+        return ring_start + (idx - ring_start + by) % self.ring
+
     def valid(self, idx: np.ndarray) -> np.ndarray:
-        newest = (self.position - 1) % self.capacity
-        # the intact slots older than i (all of 0..i-1 until the ring is full): the stack needs history[i]
-        intact_behind = idx if self.size < self.capacity else (idx - self.position) % self.capacity
-        return self.starts_transition[idx] & (idx != newest) & (intact_behind >= self.history[idx])
+        stream, offset = np.divmod(idx, self.ring)
+        position, size = self.positions[stream], self.sizes[stream]
+        newest = (position - 1) % self.ring
+        # the intact slots older than i (all of the ring's start..i-1 until it is full): the stack needs history[i]
+        intact_behind = np.where(size < self.ring, offset, (offset - position) % self.ring)
+        return ((offset < size) & self.starts_transition[idx] & (offset != newest)
+                & (intact_behind >= self.history[idx]))
+
+    def _draw(self, count: int) -> np.ndarray:
+        """Slots drawn with randint over every ring's first max(sizes) slots (the filled ones, and with several
+        rings a few not yet filled, which valid() refuses)."""
+        filled = int(self.sizes.max())
+        flat = self.rng.integers(0, self.streams * filled, size=count)
+        return flat // filled * self.ring + flat % filled
 
     def sample_indices(self, batch_size: int) -> np.ndarray:
-        idx = self.rng.integers(0, self.size, size=batch_size)
+        idx = self._draw(batch_size)
         invalid = ~self.valid(idx)
         while invalid.any():  # a few slots per episode are invalid; redraw only those
-            idx[invalid] = self.rng.integers(0, self.size, size=int(invalid.sum()))
+            idx[invalid] = self._draw(int(invalid.sum()))
             invalid = ~self.valid(idx)
         return idx
 
     def stack_slots(self, idx: np.ndarray) -> np.ndarray:
         """(batch, 4) slots of the stacks ending at idx, oldest first, cut at the episode start."""
         back = np.minimum(np.arange(STACK - 1, -1, -1)[None, :], self.history[idx][:, None].astype(np.int64))
-        return (idx[:, None] - back) % self.capacity
+        return self.shift(idx[:, None], -back)
 
     def sample(self, batch_size: int, idx: Optional[np.ndarray] = None):
         """(obs, actions, rewards, next_obs, terminated) on the device; obs are uint8 (batch, 4, 84, 84)."""
         if idx is None:
             idx = self.sample_indices(batch_size)
-        following = (idx + 1) % self.capacity
+        following = self.shift(idx, 1)
         slots = np.concatenate([self.stack_slots(idx), self.stack_slots(following)], axis=1)
         flat_slots = torch.from_numpy(slots.reshape(-1))
         if self.pinned:  # gather into pinned staging, then copy to the GPU without blocking the CPU
@@ -423,8 +570,8 @@ class FrameReplay:
 
     def state(self) -> dict:
         arrays = {name: torch.from_numpy(getattr(self, name).copy()) for name in self.FIELDS}
-        return {"frames": self.frames, **arrays, "position": self.position, "size": self.size,
-                "episode_steps": self.episode_steps, "rng": self.rng.bit_generator.state}
+        return {"frames": self.frames, **arrays, "position": self.positions.tolist(), "size": self.sizes.tolist(),
+                "episode_steps": self.episode_steps.tolist(), "rng": self.rng.bit_generator.state}
 
     def load_state(self, state: dict) -> None:
         if state["frames"].shape != self.frames.shape:
@@ -433,7 +580,9 @@ class FrameReplay:
         self.frames.copy_(state["frames"])
         for name in self.FIELDS:
             getattr(self, name)[:] = state[name].numpy()
-        self.position, self.size, self.episode_steps = state["position"], state["size"], state["episode_steps"]
+        # np.atleast_1d: a checkpoint from before several games held one number each
+        self.positions[:], self.sizes[:], self.episode_steps[:] = (
+            np.atleast_1d(state[name]) for name in ("position", "size", "episode_steps"))
         self.rng.bit_generator.state = state["rng"]
 
 
@@ -467,6 +616,12 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     if duration <= 0:  # a run too short to have an annealing window
         return end_e
     return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
+
+
+def crossed(every: int, before: int, after: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: with several games a step of the loop moves
+    the step count by more than one. every = 0: never."""
+    return every > 0 and after // every > before // every
 
 
 class TargetSync:
@@ -774,10 +929,10 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     seed_everything(args.seed, args.torch_deterministic)
     keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, end_on_life_loss=True,
-                     repeat_action_probability=args.repeat_action_probability)
-    n_actions = game.n_actions
-    preprocess = FramePreprocessor(game.raw.shape[1:], device)
+    games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
+                  args.repeat_action_probability)
+    n_actions = games.n_actions
+    preprocess = FramePreprocessor(games.raw_shape, device)
     evaluate = Evaluator(args, preprocess, args.seed + 10_000)
 
     q_network = QNetwork(n_actions).to(device)
@@ -793,11 +948,11 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     greedy_action = CudaGraphed(lambda obs: q_network(obs).argmax(dim=1), use_graphs)
     # streams of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
     replay_stream, action_stream = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_stream)
+    replay = FrameReplay(args.buffer_size, device, replay_stream, streams=args.num_envs)
     print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
           f"{' pinned' if replay.pinned else ''}", flush=True)
     action_rng = np.random.default_rng(action_stream)
-    frame_stack = FrameStack(device)
+    frame_stack = FrameStack(args.num_envs, device)
 
     start_step, updates_begin_at, wall_before = 1, args.learning_starts, 0.0
     # fixed when the run starts: a resumed run given a longer --total-timesteps keeps its epsilon schedule
@@ -809,8 +964,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise ConfigError(f"{args.resume} does not fit this network or optimizer ({str(error).splitlines()[0]})")
-        game.load_state(checkpoint["game"])
-        frame_stack.frames = checkpoint["frame_stack"].to(device)
+        games.load_states(checkpoint["games"] if "games" in checkpoint else [checkpoint["game"]])  # older: one
+        frame_stack.frames = checkpoint["frame_stack"].to(device).view(args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE)
         action_rng.bit_generator.state = checkpoint["action_rng"]
         random.setstate(checkpoint["python_rng"])
         set_numpy_global_state(checkpoint["numpy_rng"])
@@ -857,7 +1012,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             "exploration_steps": exploration_steps,
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "target_sync": (target_sync.steps, target_sync.syncs),
-            "game": game.state(), "frame_stack": frame_stack.frames.cpu(),
+            "games": games.states(), "frame_stack": frame_stack.frames.cpu(),
             "action_rng": action_rng.bit_generator.state, "python_rng": random.getstate(),
             "numpy_rng": numpy_global_state(), "torch_rng": torch.get_rng_state(),
             "replay": replay.state() if args.checkpoint_replay else None,
@@ -872,54 +1027,59 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     recent_returns = deque(maxlen=100)
     last_eval = float("nan")
     if checkpoint is None:
-        obs = frame_stack.reset(preprocess(game.reset()))
+        obs = frame_stack.reset(preprocess(games.reset()))
     else:
         obs = frame_stack.frames
     start_time = time.time()
     final_returns = None
-    global_step = start_step - 1  # a resumed run with nothing left to do
-    for global_step in range(start_step, args.total_timesteps + 1):
-        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
-        if action_rng.random() < epsilon:
-            action = int(action_rng.integers(n_actions))
-        else:
+    global_step = start_step - 1  # steps done; a resumed run may have nothing left to do
+    while global_step < args.total_timesteps:
+        # this pass steps every game once: env steps global_step + 1 .. global_step + num_envs
+        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step + 1)
+        explore = action_rng.random(args.num_envs) < epsilon  # with one game, the draws of a one-game loop
+        actions = np.zeros(args.num_envs, dtype=np.int64)
+        actions[explore] = action_rng.integers(0, n_actions, size=int(explore.sum()))
+        if not explore.all():
             with torch.no_grad():
-                action = int(greedy_action(obs.unsqueeze(0)))
-        raw, reward, terminated, truncated, game_over = game.step(action)
-        frame = preprocess(raw)
-        # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
-        # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
-        replay.add(obs[-1], action, float(np.sign(reward)), terminated, terminated or truncated, frame)
-        if terminated or truncated:
-            if game_over:
-                writer.add_scalar("charts/episodic_return", game.game_return, global_step)
-                writer.add_scalar("charts/episodic_length", game.game_length, global_step)
-                recent_returns.append(game.game_return)
-                game_returns.append(game.game_return)
-            obs = frame_stack.reset(preprocess(game.reset()))
-        else:
-            obs = frame_stack.push(frame)
+                actions[~explore] = greedy_action(obs).cpu().numpy()[~explore]
+        outcomes = games.step(actions)
+        frames = preprocess(games.final)
+        for k, outcome in enumerate(outcomes):
+            # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
+            # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
+            replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated,
+                       outcome.terminated or outcome.truncated, frames[k], stream=k)
+            if outcome.game_over:
+                writer.add_scalar("charts/episodic_return", outcome.game_return, global_step + k + 1)
+                writer.add_scalar("charts/episodic_length", outcome.game_length, global_step + k + 1)
+                recent_returns.append(outcome.game_return)
+                game_returns.append(outcome.game_return)
+        obs = frame_stack.push(frames)
+        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
+        if ended:
+            obs = frame_stack.reset(preprocess(games.first[ended]), ended)
 
-        if global_step > updates_begin_at and global_step % args.train_frequency == 0:
-            loss, q_mean = update(*replay.sample(args.batch_size))
-            if global_step % LOG_EVERY < args.train_frequency:
-                writer.add_scalar("losses/td_loss", loss.item(), global_step)
-                writer.add_scalar("losses/q_values", q_mean.item(), global_step)
-                writer.add_scalar("charts/epsilon", epsilon, global_step)
-                writer.add_scalar("charts/SPS", int((global_step - start_step + 1) / (time.time() - start_time)),
-                                  global_step)
-        target_sync.step()
+        for step in range(global_step + 1, global_step + args.num_envs + 1):
+            if step > updates_begin_at and step % args.train_frequency == 0:
+                loss, q_mean = update(*replay.sample(args.batch_size))
+                if step % LOG_EVERY < args.train_frequency:
+                    writer.add_scalar("losses/td_loss", loss.item(), step)
+                    writer.add_scalar("losses/q_values", q_mean.item(), step)
+                    writer.add_scalar("charts/epsilon", epsilon, step)
+                    writer.add_scalar("charts/SPS", int((step - start_step + 1) / (time.time() - start_time)), step)
+            target_sync.step()
+        previous_step, global_step = global_step, global_step + args.num_envs
 
-        if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
+        if crossed(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
             last_eval = run_evaluation(global_step).mean()
-        if args.progress_every and global_step % args.progress_every == 0:
+        if crossed(args.progress_every, previous_step, global_step):
             elapsed = time.time() - start_time
             steps_done = global_step - start_step + 1
             recent = np.mean(recent_returns) if recent_returns else float("nan")
             print(f"step {global_step:>9}/{args.total_timesteps} | SPS {steps_done / elapsed:5.0f} | "
                   f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
                   f"ETA {elapsed * (args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
-        if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
+        if crossed(args.checkpoint_every, previous_step, global_step) or stop_signal:
             write_checkpoint(global_step)
         if stop_signal:
             print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
@@ -937,6 +1097,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id,
                              "n_actions": n_actions}, model_path)
             print(f"model saved to {model_path}")
+    games.close()
     eval_file.close()
     writer.close()
     return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": run_dir,

@@ -159,43 +159,51 @@ def frame_ids(stacks: torch.Tensor) -> np.ndarray:
     return (stacks[..., 0, 0].long() * 256 + stacks[..., 0, 1].long()).numpy()
 
 
-def test_frame_replay_matches_a_naive_replay_of_full_stacks():
+@pytest.mark.parametrize("streams", [1, 3])
+def test_frame_replay_matches_a_naive_replay_of_full_stacks(streams):
     """Random episodes of random lengths, ending terminated or truncated, through many wrap-arounds. Naive:
     every transition with its full (s, a, r, s', terminated) stacks, as FrameStack built them. Every slot the
     replay calls valid must give exactly the naive transition, and every transition whose frames are all
-    still in the ring (s' included) must be valid."""
-    capacity = 37
-    replay = atari.FrameReplay(capacity, CPU, seed=0)
+    still in its ring (s' included) must be valid. With several streams (training games), their steps
+    interleave at random, as the games' do, and each stream keeps to a ring of its own."""
+    ring = 37
+    replay = atari.FrameReplay(ring * streams, CPU, seed=0, streams=streams)
     rng = np.random.default_rng(0)
     naive, slot_of = [], {}
-    frames_written = 0
-    for episode in range(120):
-        stack = [frames_written] * atari.STACK  # frame ids are their global write numbers
-        length, terminated_end = int(rng.integers(1, 12)), bool(rng.integers(2))
-        for t in range(length):
-            action, reward = int(rng.integers(6)), float(rng.choice([-1.0, 0.0, 1.0]))
-            end = t == length - 1
-            terminated = end and terminated_end
-            next_stack = stack[1:] + [frames_written + 1]
-            slot = replay.add(frame_with_id(stack[-1]), action, reward, terminated, end, frame_with_id(next_stack[-1]))
-            frames_written += 2 if end else 1
-            naive.append((stack, action, reward, next_stack, terminated))
-            slot_of[slot] = len(naive) - 1
-            stack = next_stack
-        if episode % 10 == 9:
-            all_slots = np.arange(replay.size)
+    written = [0] * streams  # frames written per stream; a frame's id is its write number * streams + stream
+    episode = [None] * streams  # per stream: (stack, steps taken, length, ends terminated)
+    episodes_done = 0
+    while episodes_done < 120 * streams:
+        k = int(rng.integers(streams))
+        if episode[k] is None:
+            episode[k] = ([written[k]] * atari.STACK, 0, int(rng.integers(1, 12)), bool(rng.integers(2)))
+        stack, t, length, terminated_end = episode[k]
+        action, reward = int(rng.integers(6)), float(rng.choice([-1.0, 0.0, 1.0]))
+        end = t == length - 1
+        terminated = end and terminated_end
+        next_stack = stack[1:] + [written[k] + 1]
+        slot = replay.add(frame_with_id(stack[-1] * streams + k), action, reward, terminated, end,
+                          frame_with_id(next_stack[-1] * streams + k), stream=k)
+        written[k] += 2 if end else 1
+        naive.append((k, stack, action, reward, next_stack, terminated))
+        slot_of[slot] = len(naive) - 1
+        episode[k] = None if end else (next_stack, t + 1, length, terminated_end)
+        episodes_done += end
+        if end and episodes_done % 10 == 0:
+            all_slots = np.arange(replay.capacity)
             valid = set(all_slots[replay.valid(all_slots)].tolist())
-            intact = {slot for slot, t in slot_of.items()
-                      if min(naive[t][0]) >= frames_written - capacity and naive[t][3][-1] < frames_written}
+            intact = {slot for slot, n in slot_of.items()
+                      if min(naive[n][1]) >= written[naive[n][0]] - ring and naive[n][4][-1] < written[naive[n][0]]}
             assert valid == intact
             idx = np.array(sorted(valid))
             obs, actions, rewards, next_obs, terminated = replay.sample(len(idx), idx=idx)
             expected = [naive[slot_of[i]] for i in idx]
-            assert frame_ids(obs).tolist() == [e[0] for e in expected]
-            assert frame_ids(next_obs).tolist() == [e[3] for e in expected]
-            assert actions.tolist() == [e[1] for e in expected]
-            assert rewards.tolist() == [e[2] for e in expected]
-            assert terminated.tolist() == [float(e[4]) for e in expected]
+            assert frame_ids(obs).tolist() == [[n * streams + e[0] for n in e[1]] for e in expected]
+            assert frame_ids(next_obs).tolist() == [[n * streams + e[0] for n in e[4]] for e in expected]
+            assert actions.tolist() == [e[2] for e in expected]
+            assert rewards.tolist() == [e[3] for e in expected]
+            assert terminated.tolist() == [float(e[5]) for e in expected]
+    assert all(slot // ring == naive[n][0] for slot, n in slot_of.items()), "each stream in its own ring"
     sampled = replay.sample_indices(5000)
     assert replay.valid(sampled).all() and set(sampled.tolist()) == valid, "randint reaches every valid slot"
 
@@ -351,10 +359,12 @@ def test_loop_ends_training_episodes_at_lost_lives(tmp_path):
     assert (~replay.starts_transition[terminal_slots + 1]).all()  # each lost life's final frame is kept
 
 
-def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path):
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, num_envs):
     """2N steps in one go, and N steps then N more from a checkpoint with the replay: identical parameters.
-    Epsilon is held constant, as the schedule's length depends on --total-timesteps of each run."""
-    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60)
+    Epsilon is held constant, as the schedule's length depends on --total-timesteps of each run. With two
+    games, the worker process's game is saved and restored as well."""
+    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60, num_envs=num_envs)
     whole = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
     again = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
     first_half = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True,
@@ -368,6 +378,22 @@ def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path):
             assert torch.equal(parameter, run["q_network"].state_dict()[name]), name
     eval_rows = open(os.path.join(resumed["run_dir"], "eval.csv")).read().splitlines()
     assert [row.split(",")[0] for row in eval_rows[1:]] == ["120", "240"]
+
+
+def test_several_games_count_steps_updates_and_syncs_as_one_game_and_leave_no_worker(tmp_path, monkeypatch):
+    """Three games: 300 env steps are 100 passes of the loop, yet the updates (one per 4 env steps after
+    learning_starts) and target syncs are those of one game, each game's transitions fill a ring of its
+    own, and the worker processes are gone when training ends."""
+    updates, syncs = [], []
+    real_update, real_sync = atari.td_update, atari.TargetSync.step
+    monkeypatch.setattr(atari, "td_update", lambda *a, **k: updates.append(1) or real_update(*a, **k))
+    monkeypatch.setattr(atari.TargetSync, "step", lambda self: syncs.append(self.steps + 1) or real_sync(self))
+    result = atari.train(small_args(tmp_path, num_envs=3, end_e=1.0))
+    assert result["global_step"] == 300 and len(updates) == (300 - 100) // 4 and syncs == list(range(1, 301))
+    replay = result["replay"]
+    transitions = replay.starts_transition.reshape(3, replay.ring).sum(axis=1)
+    assert transitions.tolist() == [100, 100, 100]
+    assert not torch.multiprocessing.active_children()
 
 
 def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
@@ -487,6 +513,8 @@ def test_gpu_runs_keep_frames_and_batches_on_the_gpu_and_the_replay_pinned(tmp_p
     (["--env-id", "NoSuchGame-v4"], "unknown env id 'NoSuchGame-v4'"),
     (["--env-id", "CartPole-v1"], "is not an Atari game"),
     (["--buffer-size", "4"], "--buffer-size must be at least 8 frames"),
+    (["--num-envs", "0"], "--num-envs must be positive, got 0"),
+    (["--num-envs", "3", "--buffer-size", "20"], "at least 8 frames per game (24 for 3), got 20"),
     (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
     (["--learning-starts", "0"], "--learning-starts must be positive, got 0"),
     (["--buffer-size", "100000000"], "a replay of 100,000,000 frames needs 707.10 GB"),
@@ -496,19 +524,29 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
     assert_one_line_error(run_script("dqn_atari.py", *args, cwd=tmp_path), fragment, script="dqn_atari.py")
 
 
-def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+@pytest.mark.parametrize("num_envs, sig, whole_group", [(1, signal.SIGTERM, False), (2, signal.SIGINT, True)])
+def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path, num_envs, sig, whole_group):
+    """SIGTERM to the trainer; and Ctrl-C, which the terminal sends to every process of the group, worker
+    processes included: they must outlive it, so the trainer can save their games."""
     command = [sys.executable, str(REPO / "dqn_atari.py"), "--buffer-size", "2000", "--learning-starts", "100",
-               "--total-timesteps", "100000", "--progress-every", "100", "--no-cuda", "--runs-dir", "runs"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               "--total-timesteps", "100000", "--progress-every", "100", "--no-cuda", "--runs-dir", "runs",
+               "--num-envs", str(num_envs)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=whole_group)
     for line in process.stdout:
         if line.startswith("step"):  # training is under way
             break
-    process.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
     output, errors = process.communicate(timeout=120)
     assert process.returncode == 0, errors
-    assert "stopped by signal 15" in output
+    assert f"stopped by signal {int(sig)}" in output
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.pt")
-    stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    saved = torch.load(checkpoint, weights_only=True)
+    stopped_at = saved["global_step"]
+    assert len(saved["games"]) == num_envs
     resumed = run_script("dqn_atari.py", "--resume", str(checkpoint), "--total-timesteps", str(stopped_at + 50),
                          "--eval-episodes", "1", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
