@@ -78,6 +78,9 @@ class Args:
     """on CUDA, record the update and the greedy action once each as a CUDA graph and replay it: the same kernels
     on the same memory (the same numbers), launched at once instead of one by one from Python, which at batch
     32 sets the pace. No effect on the CPU"""
+    replay_on_gpu: bool = False
+    """on CUDA, keep the replay's frames in GPU memory (7.06 GB for 1M) instead of pinned host memory: a batch
+    is gathered there, with no copy over the bus, and storing a frame needs no sync. The same numbers"""
     num_envs: int = 1
     """training games stepped at once, each past the first in a worker process of its own. Every game's
     step counts as one env step, so train_frequency, learning_starts, target_network_frequency and
@@ -115,7 +118,8 @@ STACK = 4  # Nature's history of 4 frames
 MAX_GAME_FRAMES = 108_000  # 30 minutes of play at 60 Hz: the usual cap on a game (training and evaluation)
 # Flags a resumed run may take from its command line; every other one comes from the checkpoint.
 RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", "progress_every",
-             "checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model"}
+             "checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model",
+             "replay_on_gpu"}
 
 
 class ConfigError(Exception):
@@ -460,19 +464,22 @@ class FrameReplay:
     FIELDS = {"actions": np.int64, "rewards": np.float32, "terminated": np.bool_, "history": np.uint8,
               "starts_transition": np.bool_}
 
-    def __init__(self, capacity: int, device: torch.device, seed, streams: int = 1):
+    def __init__(self, capacity: int, device: torch.device, seed, streams: int = 1, on_device: bool = False):
         self.streams, self.ring = streams, capacity // streams
         capacity = self.ring * streams
         slot_bytes = FRAME_SIZE * FRAME_SIZE + sum(np.dtype(dtype).itemsize for dtype in self.FIELDS.values())
         needed = capacity * slot_bytes
-        available = available_memory_bytes()
+        on_device = on_device and device.type == "cuda"
+        available = torch.cuda.mem_get_info(device)[0] if on_device else available_memory_bytes()
         if available is not None and needed > available:
             raise ConfigError(f"a replay of {capacity:,} frames needs {needed / 1e9:.2f} GB but only "
-                              f"{available / 1e9:.2f} GB is available; pass a smaller --buffer-size")
+                              f"{available / 1e9:.2f} GB is available{' on the GPU' if on_device else ''}; pass "
+                              "a smaller --buffer-size")
         self.capacity, self.device = capacity, device
-        self.pinned = device.type == "cuda"
+        self.pinned = device.type == "cuda" and not on_device
         # zeros, not empty: touch every page now, so a buffer that cannot fit fails here, not hours later
-        self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
+        self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned,
+                                  device=device if on_device else "cpu")
         for name, dtype in self.FIELDS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         # per ring: the next slot to write (its oldest once full), the slots filled, the current episode's steps
@@ -562,8 +569,8 @@ class FrameReplay:
             self.copy_done = torch.cuda.Event()
             self.copy_done.record()
         else:
-            stacks = self.frames.index_select(0, flat_slots).view(len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE)
-            stacks = stacks.to(self.device)  # a no-op on the CPU; any other device gets its batch
+            stacks = self.frames.index_select(0, flat_slots.to(self.frames.device))
+            stacks = stacks.view(len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE).to(self.device)  # no-op if there
         small = [torch.from_numpy(array[idx]).to(self.device) for array in (self.actions, self.rewards)]
         terminated = torch.from_numpy(self.terminated[idx].astype(np.float32)).to(self.device)
         return stacks[:, :STACK], small[0], small[1], stacks[:, STACK:], terminated
@@ -927,6 +934,10 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
     seed_everything(args.seed, args.torch_deterministic)
+    threads_before = torch.get_num_threads()
+    if args.num_envs > 1:  # torch's threads spinning on every core would starve the workers' emulators
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, min(threads_before, cores - (args.num_envs - 1))))
     keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
@@ -948,9 +959,9 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     greedy_action = CudaGraphed(lambda obs: q_network(obs).argmax(dim=1), use_graphs)
     # streams of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
     replay_stream, action_stream = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_stream, streams=args.num_envs)
+    replay = FrameReplay(args.buffer_size, device, replay_stream, streams=args.num_envs, on_device=args.replay_on_gpu)
     print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
-          f"{' pinned' if replay.pinned else ''}", flush=True)
+          f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
     action_rng = np.random.default_rng(action_stream)
     frame_stack = FrameStack(args.num_envs, device)
 
@@ -1098,6 +1109,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                              "n_actions": n_actions}, model_path)
             print(f"model saved to {model_path}")
     games.close()
+    torch.set_num_threads(threads_before)
     eval_file.close()
     writer.close()
     return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": run_dir,

@@ -388,12 +388,14 @@ def test_several_games_count_steps_updates_and_syncs_as_one_game_and_leave_no_wo
     real_update, real_sync = atari.td_update, atari.TargetSync.step
     monkeypatch.setattr(atari, "td_update", lambda *a, **k: updates.append(1) or real_update(*a, **k))
     monkeypatch.setattr(atari.TargetSync, "step", lambda self: syncs.append(self.steps + 1) or real_sync(self))
+    threads_before = torch.get_num_threads()
     result = atari.train(small_args(tmp_path, num_envs=3, end_e=1.0))
     assert result["global_step"] == 300 and len(updates) == (300 - 100) // 4 and syncs == list(range(1, 301))
     replay = result["replay"]
     transitions = replay.starts_transition.reshape(3, replay.ring).sum(axis=1)
     assert transitions.tolist() == [100, 100, 100]
     assert not torch.multiprocessing.active_children()
+    assert torch.get_num_threads() == threads_before, "the trainer's thread count is restored"
 
 
 def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
@@ -504,6 +506,22 @@ def test_gpu_runs_keep_frames_and_batches_on_the_gpu_and_the_replay_pinned(tmp_p
     assert all(part.device.type == "cuda" for part in replay.sample(8))
     preprocess = atari.FramePreprocessor((210, 160), torch.device("cuda"))
     assert preprocess(np.zeros((2, 210, 160), np.uint8)).device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to keep the replay in GPU memory")
+def test_a_replay_in_gpu_memory_gives_the_pinned_replays_batches(tmp_path):
+    """--replay-on-gpu moves where the frames live, not what a batch holds; a run with it and two games works."""
+    cuda = torch.device("cuda")
+    replays = [atari.FrameReplay(64, cuda, seed=0, streams=2, on_device=on_gpu) for on_gpu in (False, True)]
+    assert replays[0].frames.is_pinned() and replays[1].frames.device.type == "cuda" and not replays[1].pinned
+    for t in range(100):
+        for replay in replays:
+            replay.add(frame_with_id(t).to(cuda), t % 4, float(t % 3 - 1), t % 16 == 15, t % 16 == 15,
+                       frame_with_id(t + 1).to(cuda), stream=t % 2)
+    for pinned_part, gpu_part in zip(replays[0].sample(32), replays[1].sample(32)):
+        assert pinned_part.device.type == gpu_part.device.type == "cuda" and torch.equal(pinned_part, gpu_part)
+    result = atari.train(small_args(tmp_path, cuda=True, replay_on_gpu=True, num_envs=2))
+    assert result["replay"].frames.device.type == "cuda" and result["global_step"] == 300
 
 
 # ---- the command line ----

@@ -24,7 +24,7 @@ REPLACED = {
     "eval_every: int = 250_000",
     "eval_episodes: int = 10",
     "progress_every: int = 10_000",
-    '"checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model"}',
+    '"replay_on_gpu"}',
     "loss, q_mean = update(*replay.sample(args.batch_size))",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
