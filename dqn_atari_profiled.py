@@ -92,7 +92,8 @@ class Args:
     num_envs: int = 1
     """training games stepped at once, each past the first in a worker process of its own. Every game's
     step counts as one env step, so train_frequency, learning_starts, target_network_frequency and
-    total_timesteps count transitions as with one game; game k is seeded with seed + k. 1: Nature's setting"""
+    total_timesteps count transitions as with one game (a run ends at the first multiple of num_envs at or past
+    total_timesteps); game k is seeded with seed + k. 1: Nature's setting"""
     frame_skip: int = 4
     """emulator frames per agent step (the action is repeated; the max over the last two is observed)"""
     noop_max: int = 30
@@ -1221,7 +1222,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             recent = np.mean(recent_returns) if recent_returns else float("nan")
             print(f"step {global_step:>9}/{args.total_timesteps} | SPS {steps_done / elapsed:5.0f} | "
                   f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
-                  f"ETA {elapsed * (args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
+                  f"ETA {elapsed * max(0, args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
             PHASES.lap("logging")
         if crossed(args.checkpoint_every, previous_step, global_step) or stop_signal:
             write_checkpoint(global_step)
@@ -1249,7 +1250,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                               1000 * seconds / steps_run, global_step)
 
     if not stop_signal:
-        final_returns = run_evaluation(args.total_timesteps)
+        final_returns = run_evaluation(global_step)  # past total_timesteps if num_envs does not divide it
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
               f"{final_returns.std():.2f} (wall {wall_before + time.time() - start_time:.1f}s)", flush=True)
         if args.save_model:
