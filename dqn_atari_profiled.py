@@ -839,11 +839,16 @@ def td_update(q_network, target_network, optimizer, batch, gamma: float, max_gra
     return loss.detach(), q_taken.detach().mean()
 
 
-def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator):
-    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q."""
-    actions = torch.argmax(q_network(obs), dim=1).cpu().numpy()
-    explore = rng.random(len(actions)) < epsilon
+def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator,
+                   greedy=None) -> np.ndarray:
+    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q, or greedy(obs) when
+    given (the training loop's CUDA-graphed argmax). No forward pass when every one explores."""
+    explore = rng.random(len(obs)) < epsilon
+    actions = np.zeros(len(obs), dtype=np.int64)
     actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
+    if not explore.all():
+        greedy_actions = greedy(obs) if greedy is not None else torch.argmax(q_network(obs), dim=1)
+        actions[~explore] = greedy_actions.cpu().numpy()[~explore]
     return actions
 
 
@@ -1165,12 +1170,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     while global_step < args.total_timesteps:
         # this pass steps every game once: env steps global_step + 1 .. global_step + num_envs
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step + 1)
-        explore = action_rng.random(args.num_envs) < epsilon  # with one game, the draws of a one-game loop
-        actions = np.zeros(args.num_envs, dtype=np.int64)
-        actions[explore] = action_rng.integers(0, n_actions, size=int(explore.sum()))
-        if not explore.all():
-            with torch.no_grad():
-                actions[~explore] = greedy_action(obs).cpu().numpy()[~explore]
+        with torch.no_grad():  # with one game, the draws of a one-game loop
+            actions = epsilon_greedy(q_network, obs, epsilon, n_actions, action_rng, greedy_action)
         PHASES.lap("action selection")
         outcomes = games.step(actions)
         PHASES.lap("env step")
