@@ -1057,18 +1057,18 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             actions = epsilon_greedy(q_network, obs, epsilon, n_actions, action_rng, greedy_action)
         outcomes = games.step(actions)
         frames = preprocess(games.final)
+        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
         for k, outcome in enumerate(outcomes):
             # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
             # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
             replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated,
-                       outcome.terminated or outcome.truncated, frames[k], stream=k)
+                       k in ended, frames[k], stream=k)
             if outcome.game_over:
                 writer.add_scalar("charts/episodic_return", outcome.game_return, global_step + k + 1)
                 writer.add_scalar("charts/episodic_length", outcome.game_length, global_step + k + 1)
                 recent_returns.append(outcome.game_return)
                 game_returns.append(outcome.game_return)
         obs = frame_stack.push(frames)
-        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
         if ended:
             obs = frame_stack.reset(preprocess(games.first[ended]), ended)
 

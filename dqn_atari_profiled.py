@@ -1177,11 +1177,12 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         PHASES.lap("env step")
         frames = preprocess(games.final)
         PHASES.lap("preprocessing")
+        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
         for k, outcome in enumerate(outcomes):
             # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
             # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
             replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated,
-                       outcome.terminated or outcome.truncated, frames[k], stream=k)
+                       k in ended, frames[k], stream=k)
             PHASES.lap("replay add")
             if outcome.game_over:
                 writer.add_scalar("charts/episodic_return", outcome.game_return, global_step + k + 1)
@@ -1190,7 +1191,6 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                 game_returns.append(outcome.game_return)
                 PHASES.lap("logging")
         obs = frame_stack.push(frames)
-        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
         if ended:
             obs = frame_stack.reset(preprocess(games.first[ended]), ended)
         PHASES.lap("preprocessing")
