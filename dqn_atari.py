@@ -339,15 +339,18 @@ class Games:
 
     def _ask_all(self, command: str, arguments: list, local_call) -> list:
         """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
-        for connection, argument in zip(self.connections, arguments[1:]):
-            connection.send((command, argument))
+        for k, (connection, argument) in enumerate(zip(self.connections, arguments[1:]), start=1):
+            self._talk(k, connection.send, (command, argument))
         answers = [local_call(arguments[0])]
-        for k, connection in enumerate(self.connections, start=1):
-            try:
-                answers.append(connection.recv())
-            except EOFError:
-                raise RuntimeError(f"the worker process of training game {k} exited (its error is above)") from None
+        answers += [self._talk(k, connection.recv) for k, connection in enumerate(self.connections, start=1)]
         return answers
+
+    @staticmethod
+    def _talk(k: int, call, *message):
+        try:
+            return call(*message)
+        except (EOFError, OSError):  # end of file, broken pipe, reset: the worker process is gone
+            raise RuntimeError(f"the worker process of training game {k} exited (its error, if any, is above)") from None
 
     def reset(self) -> np.ndarray:
         """Starts every game's first episode; returns `first`."""

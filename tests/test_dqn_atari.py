@@ -254,6 +254,15 @@ def test_frame_replay_refuses_a_buffer_larger_than_available_memory(monkeypatch)
         atari.FrameReplay(1_000_000, CPU, seed=0)
 
 
+def test_a_worker_process_that_dies_is_reported_not_waited_for():
+    games = atari.Games(2, "BreakoutNoFrameskip-v4", seed=0, frame_skip=4, noop_max=0, repeat_action_probability=None)
+    games.reset()
+    games.workers[0].kill()
+    games.workers[0].join()
+    with pytest.raises(RuntimeError, match="the worker process of training game 1 exited"):
+        games.step(np.zeros(2, dtype=np.int64))
+
+
 # ---- network and optimizer ----
 
 
