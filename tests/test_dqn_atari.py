@@ -254,6 +254,15 @@ def test_frame_replay_refuses_a_buffer_larger_than_available_memory(monkeypatch)
         atari.FrameReplay(1_000_000, CPU, seed=0)
 
 
+def test_a_replay_on_the_gpu_is_checked_against_free_gpu_memory(monkeypatch):
+    """--replay-on-gpu: the check reads the GPU's free memory, before anything is allocated there (so no GPU is
+    needed to see the refusal)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1_000_000_000, 80_000_000_000))
+    with pytest.raises(atari.ConfigError, match=r"needs 7\.07 GB but only 1\.00 GB is available on the GPU; pass a "
+                                                r"smaller --buffer-size"):
+        atari.FrameReplay(1_000_000, torch.device("cuda"), seed=0, on_device=True)
+
+
 def test_a_worker_process_that_dies_is_reported_not_waited_for():
     games = atari.Games(2, "BreakoutNoFrameskip-v4", seed=0, frame_skip=4, noop_max=0, repeat_action_probability=None)
     games.reset()
