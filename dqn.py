@@ -73,6 +73,10 @@ class Args:
     """episodes per evaluation"""
     eval_epsilon: float = 0.0
     """epsilon of the evaluation policy (0: greedy)"""
+    stop_when_solved: bool = True
+    """end training at the first periodic evaluation whose mean return reaches the env's registered
+    reward_threshold (gymnasium's mark of solved: 475 on CartPole-v1); the final evaluation then plays fresh
+    episodes. Solved CartPole policies can still fall apart later (benchmark/results/cartpole-failures)"""
     progress_every: int = 10_000
     """env steps between progress lines (0: none)"""
     runs_dir: str = "runs"
@@ -344,7 +348,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def train(args: Args) -> dict:
-    """Trains one agent; returns its final eval returns, training episode returns, run dir and replay."""
+    """Trains one agent; returns its final eval returns, training episode returns, run dir, replay and steps."""
     check_args(args)
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
@@ -387,6 +391,7 @@ def train(args: Args) -> dict:
     obs, _ = env.reset(seed=args.seed)
     start_time = time.time()
     exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    solved_return = env.spec.reward_threshold if args.stop_when_solved else None
     for global_step in range(1, args.total_timesteps + 1):
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         if action_rng.random() < epsilon:
@@ -426,6 +431,10 @@ def train(args: Args) -> dict:
 
         if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
             last_eval = run_evaluation(global_step).mean()
+            if solved_return is not None and last_eval >= solved_return:
+                print(f"step {global_step}: eval {last_eval:.2f} reached {args.env_id}'s reward threshold "
+                      f"{solved_return:g}, training stops (--no-stop-when-solved trains on)", flush=True)
+                break
         if args.progress_every and global_step % args.progress_every == 0:
             elapsed = time.time() - start_time
             recent = np.mean(recent_returns) if recent_returns else float("nan")
@@ -433,7 +442,7 @@ def train(args: Args) -> dict:
                   f"eps {epsilon:.3f} | return(100) {recent:8.2f} | eval {last_eval:8.2f} | "
                   f"ETA {elapsed * (args.total_timesteps / global_step - 1):5.0f}s", flush=True)
 
-    final_returns = run_evaluation(args.total_timesteps)
+    final_returns = run_evaluation(global_step)
     print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
           f"{final_returns.std():.2f} (wall {time.time() - start_time:.1f}s)", flush=True)
     if args.save_model:
@@ -444,7 +453,7 @@ def train(args: Args) -> dict:
     writer.close()
     env.close()
     return {"final_returns": final_returns, "episode_returns": episode_returns, "run_dir": run_dir,
-            "replay": replay}
+            "replay": replay, "steps": global_step}
 
 
 def evaluate_saved(args: Args) -> np.ndarray:

@@ -62,6 +62,30 @@ class RunResult:
     def final(self) -> float:
         return float(self.curve[-1]["eval_mean"]) if self.curve else float("nan")
 
+    @property
+    def steps(self) -> int:
+        """Env steps trained: the last eval's step (short of the budget where a run stopped when solved)."""
+        return int(self.curve[-1]["step"]) if self.curve else 0
+
+
+def steps_range(steps: list) -> str:
+    """"60000", or "20000–60000" where runs stopped at different steps."""
+    if not steps:
+        return "0"
+    return str(min(steps)) if min(steps) == max(steps) else f"{min(steps)}–{max(steps)}"
+
+
+def curve_on_grid(curve: list, grid: np.ndarray) -> np.ndarray:
+    """A run's eval mean at each grid step: its latest eval at or before that step, NaN before its first.
+
+    A run that stopped when solved keeps its final policy, so its final eval stands for the steps it did not
+    train; where a step has two rows (the stopping eval, then the final one on fresh episodes) the last counts."""
+    by_step = {int(row["step"]): float(row["eval_mean"]) for row in curve}
+    steps = np.array(sorted(by_step))
+    values = np.array([by_step[step] for step in steps])
+    latest = np.searchsorted(steps, grid, side="right") - 1
+    return np.where(latest >= 0, values[np.maximum(latest, 0)], np.nan)
+
 
 def file_stem(env_id: str) -> str:
     return env_id.replace("/", "-")  # ALE/Pong-v5 names a file, not a folder
@@ -156,16 +180,17 @@ def write_env_outputs(out: Path, env_id: str, results: list, threshold) -> dict:
                                  row["wall_seconds"]])
     with open(out / f"{file_stem(env_id)}_runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["seed", "final_eval_mean", "solved", "run_wall_seconds", "error"])
+        writer.writerow(["seed", "steps", "final_eval_mean", "solved", "run_wall_seconds", "error"])
         for r in results:
             solved = "" if threshold is None or r.error else int(r.final >= threshold)
-            writer.writerow([r.seed, f"{r.final:.4f}", solved, f"{r.wall_seconds:.1f}", r.error])
+            writer.writerow([r.seed, r.steps if not r.error else "", f"{r.final:.4f}", solved,
+                             f"{r.wall_seconds:.1f}", r.error])
     finals = [r.final for r in ok]
     mean, se = mean_and_se(finals) if finals else (float("nan"), float("nan"))
     if ok:
         plot_curves(out / f"{file_stem(env_id)}.png", env_id, ok, threshold)
     return {"env": env_id, "seeds": len(results), "failed": len(results) - len(ok),
-            "steps": int(ok[0].curve[-1]["step"]) if ok else 0, "mean": mean, "se": se,
+            "steps": steps_range([r.steps for r in ok]), "mean": mean, "se": se,
             "solved": sum(f >= threshold for f in finals) if threshold is not None else None,
             "threshold": threshold, "median_wall": float(np.median([r.wall_seconds for r in results]))}
 
@@ -182,12 +207,13 @@ def plot_groups(path: Path, title: str, groups: list, threshold) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, results), color in zip(groups, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
-        steps = np.array([int(row["step"]) for row in results[0].curve])
-        curves = np.array([[float(row["eval_mean"]) for row in r.curve] for r in results])
+        steps = np.array(sorted({int(row["step"]) for r in results for row in r.curve}))
+        curves = np.array([curve_on_grid(r.curve, steps) for r in results])
         mean = curves.mean(axis=0)
         se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
-        for curve in curves:
-            ax.plot(steps, curve, color=color, alpha=0.15, linewidth=0.8)
+        for r in results:  # each seed's own evals only, ending where it stopped
+            ax.plot([int(row["step"]) for row in r.curve], [float(row["eval_mean"]) for row in r.curve],
+                    color=color, alpha=0.15, linewidth=0.8)
         seeds = f"mean of {len(curves)} seeds" if len(curves) > 1 else "one seed: no spread shown"
         ax.plot(steps, mean, color=color, label=f"{label}: {seeds}" if label else seeds)
         if len(curves) > 1:

@@ -38,7 +38,7 @@ def test_env_outputs_count_solved_seeds_and_keep_failures(tmp_path):
     results = [fake_result(1, [20, 480]), fake_result(2, [30, 470]), fake_result(3, [10, 500]),
                bench.RunResult("CartPole-v1", 4, 5.0, [], error="exit 1")]
     row = bench.write_env_outputs(tmp_path, "CartPole-v1", results, threshold=475)
-    assert (row["seeds"], row["failed"], row["solved"], row["steps"]) == (4, 1, 2, 2000)
+    assert (row["seeds"], row["failed"], row["solved"], row["steps"]) == (4, 1, 2, "2000")
     assert row["mean"] == pytest.approx(1450 / 3)
     assert row["median_wall"] == pytest.approx(15.0)
     with open(tmp_path / "CartPole-v1_runs.csv") as f:
