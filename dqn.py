@@ -74,9 +74,10 @@ class Args:
     eval_epsilon: float = 0.0
     """epsilon of the evaluation policy (0: greedy)"""
     stop_when_solved: bool = True
-    """end training at the first periodic evaluation whose mean return reaches the env's registered
-    reward_threshold (gymnasium's mark of solved: 475 on CartPole-v1); the final evaluation then plays fresh
-    episodes. Solved CartPole policies can still fall apart later (benchmark/results/cartpole-failures)"""
+    """end training at the first periodic evaluation whose mean return, less two standard errors, reaches
+    the env's registered reward_threshold (gymnasium's mark of solved: 475 on CartPole-v1); the final
+    evaluation then plays fresh episodes. Solved CartPole policies can still fall apart later
+    (benchmark/results/cartpole-failures)"""
     progress_every: int = 10_000
     """env steps between progress lines (0: none)"""
     runs_dir: str = "runs"
@@ -298,6 +299,12 @@ class Evaluator:
         return returns
 
 
+def surely_reaches(returns: np.ndarray, threshold: float) -> bool:
+    """Whether an evaluation's mean return, less two standard errors, reaches the threshold. A policy that
+    only scraped past it would often fall short on fresh episodes (benchmark/results/cartpole-stop-when-solved)."""
+    return returns.mean() - 2 * returns.std() / np.sqrt(len(returns)) >= threshold
+
+
 # ---- Saved models ------------------------------------------------------------------------------------------
 
 
@@ -430,10 +437,12 @@ def train(args: Args) -> dict:
         target_sync.step()
 
         if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
-            last_eval = run_evaluation(global_step).mean()
-            if solved_return is not None and last_eval >= solved_return:
-                print(f"step {global_step}: eval {last_eval:.2f} reached {args.env_id}'s reward threshold "
-                      f"{solved_return:g}, training stops (--no-stop-when-solved trains on)", flush=True)
+            returns = run_evaluation(global_step)
+            last_eval = returns.mean()
+            if solved_return is not None and surely_reaches(returns, solved_return):
+                print(f"step {global_step}: eval {last_eval:.2f} ± {returns.std():.2f} reached {args.env_id}'s "
+                      f"reward threshold {solved_return:g}, training stops (--no-stop-when-solved trains on)",
+                      flush=True)
                 break
         if args.progress_every and global_step % args.progress_every == 0:
             elapsed = time.time() - start_time

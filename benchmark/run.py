@@ -215,6 +215,8 @@ def plot_groups(path: Path, title: str, groups: list, threshold) -> None:
             ax.plot([int(row["step"]) for row in r.curve], [float(row["eval_mean"]) for row in r.curve],
                     color=color, alpha=0.15, linewidth=0.8)
         seeds = f"mean of {len(curves)} seeds" if len(curves) > 1 else "one seed: no spread shown"
+        if len({r.steps for r in results}) > 1:
+            seeds += " (stopped seeds hold their final eval)"
         ax.plot(steps, mean, color=color, label=f"{label}: {seeds}" if label else seeds)
         if len(curves) > 1:
             ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.3,

@@ -3,8 +3,9 @@ the reference side of `benchmark/run.py --script benchmark/sb3_dqn.py` (CartPole
 
 It takes dqn.py's command line (so the same flags mean the same run) and maps each hyperparameter onto SB3:
 the replay, batch, gamma, train frequency and gradient steps, target sync counted in env steps, the epsilon
-schedule, Adam with the learning rate annealed linearly to 0, gradient clipping, the hidden layers; rewards
-are scaled by a wrapper on the training env only. It writes <runs dir>/<run>/eval.csv as dqn.py does.
+schedule, Adam with the learning rate annealed linearly to 0, gradient clipping, the hidden layers, the stop
+when solved; rewards are scaled by a wrapper on the training env only. It writes <runs dir>/<run>/eval.csv as
+dqn.py does.
 """
 
 import csv
@@ -47,7 +48,10 @@ class EvalCallback(BaseCallback):
     def _on_step(self) -> bool:
         step = self.num_timesteps
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.args.total_timesteps:
-            self.record(step)
+            returns = self.record(step)
+            solved_return = gym.spec(self.args.env_id).reward_threshold if self.args.stop_when_solved else None
+            # False ends model.learn, where dqn.py stops
+            return solved_return is None or not dqn.surely_reaches(returns, solved_return)
         return True
 
 
@@ -71,7 +75,7 @@ def main() -> None:
     run_dir = dqn.make_run_dir(args)
     callback = EvalCallback(args, run_dir)
     model.learn(total_timesteps=args.total_timesteps, callback=callback)
-    returns = callback.record(args.total_timesteps)
+    returns = callback.record(model.num_timesteps)
     print(f"final eval over {len(returns)} episodes: {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
 
 

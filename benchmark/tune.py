@@ -107,6 +107,9 @@ SEARCH_SPACES = {
 }
 # Without --params, every parameter of the script's space but these (settled ones, kept to save trials).
 NOT_TUNED_BY_DEFAULT = {"dqn.py": {"max_grad_norm", "anneal_lr"}, "dqn_atari.py": {"optimizer"}}
+# Trials train their whole budget: the objective and the pruner compare curves eval by eval, which a run
+# stopped when solved would leave short.
+TRIAL_FLAGS = {"dqn.py": ["--no-stop-when-solved"]}
 
 
 class TuneError(Exception):
@@ -220,7 +223,8 @@ def run_trial(trial, config: Config, work_dir: Path) -> float:
     runs = []
     try:
         for seed in config.seeds:
-            launched = start_run(config.script, config.env_id, seed, [*config.fixed, *flags], None, work_dir, work_dir)
+            extra = [*TRIAL_FLAGS.get(config.script.name, []), *config.fixed, *flags]
+            launched = start_run(config.script, config.env_id, seed, extra, None, work_dir, work_dir)
             if launched is None:
                 raise TrialFailed("stopped by a signal")
             runs.append(launched)

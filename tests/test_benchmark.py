@@ -51,6 +51,23 @@ def test_env_outputs_count_solved_seeds_and_keep_failures(tmp_path):
     assert "| CartPole-v1 | 4 (1 failed) | 2000 | 483.33 ± 8.82 | 2/4 (>= 475) | 15.0 |" in table
 
 
+def test_a_run_that_stopped_when_solved_counts_its_final_eval_for_the_steps_it_skipped(tmp_path):
+    # stopped at 1000: the stopping eval (480), then the final eval on fresh episodes (490), which counts
+    stopped = bench.RunResult("CartPole-v1", 2, 5.0, fake_result(2, [480, 490]).curve)
+    for row in stopped.curve:
+        row["step"] = "1000"
+    grid = np.array([1000, 2000, 3000])
+    assert bench.curve_on_grid(stopped.curve, grid).tolist() == [490, 490, 490]
+    assert bench.curve_on_grid(fake_result(1, [20, 480]).curve, grid).tolist() == [20, 480, 480]
+    assert np.isnan(bench.curve_on_grid(fake_result(1, [20]).curve, np.array([500]))).all()
+
+    row = bench.write_env_outputs(tmp_path, "CartPole-v1", [fake_result(1, [20, 480]), stopped], threshold=475)
+    assert (row["steps"], row["solved"], row["mean"]) == ("1000–2000", 2, 485)
+    with open(tmp_path / "CartPole-v1_runs.csv") as f:
+        assert [(r["seed"], r["steps"]) for r in csv.DictReader(f)] == [("1", "2000"), ("2", "1000")]
+    assert (tmp_path / "CartPole-v1.png").stat().st_size > 0
+
+
 def test_two_seed_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     command = [*RUNNER, "--env-ids", "CartPole-v1", "--seeds", "2",

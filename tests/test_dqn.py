@@ -212,6 +212,23 @@ def test_reward_scale_reaches_the_replay_but_not_the_reported_returns(tmp_path, 
     assert result["episode_returns"][:2] == [3.0, 5.0]
 
 
+def test_training_stops_at_the_first_eval_that_reaches_the_reward_threshold(tmp_path, counter_env_id):
+    """The stopping eval is kept, then the final eval plays fresh episodes: on each counter copy the first
+    episode terminates at 3 and the second runs to 5, so the two rows show 3 and 5."""
+    gym.registry[counter_env_id].reward_threshold = 3.0
+    stopped = dqn.train(small_args(tmp_path, env_id=counter_env_id, total_timesteps=200, learning_starts=1000,
+                                   eval_every=40, eval_episodes=2))
+    lines = (tmp_path / "runs").glob("*/eval.csv")
+    rows = [line.split(",")[:2] for line in next(lines).read_text().splitlines()[1:]]
+    assert rows == [["40", "3.0000"], ["40", "5.0000"]]
+    assert stopped["steps"] == 40 and stopped["replay"].size == 40 and stopped["final_returns"].tolist() == [5, 5]
+
+    trained_on = dqn.train(small_args(tmp_path / "on", env_id=counter_env_id, total_timesteps=200,
+                                      learning_starts=1000, eval_every=40, eval_episodes=2,
+                                      stop_when_solved=False))
+    assert trained_on["steps"] == 200 and trained_on["replay"].size == 200
+
+
 def test_same_seed_same_run(tmp_path):
     first = dqn.train(small_args(tmp_path, seed=7))
     second = dqn.train(small_args(tmp_path, seed=7))
