@@ -39,9 +39,16 @@ RUNNING = set()
 STOPPED = threading.Event()
 LAUNCH_LOCK = threading.RLock()
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Set while the main thread launches a run. Its signal mask cannot hold a stop back then: another thread may
+# take the signal, and Python runs the handler in the main thread all the same, inside the launch.
+MAIN_LAUNCHING = threading.Event()
+DEFERRED_STOPS = []
 
 
 def stop_runs(signum, frame):
+    if MAIN_LAUNCHING.is_set():  # the run being launched is not in RUNNING yet: stop once it is
+        DEFERRED_STOPS.append(signum)
+        return
     with LAUNCH_LOCK:
         STOPPED.set()
         running = list(RUNNING)
@@ -100,6 +107,7 @@ def start_run(script: Path, env_id: str, seed: int, extra: list, core, work_dir:
                "--runs-dir", str(runs_dir), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log_path = log_dir / f"{file_stem(env_id)}_seed{seed}.log"
+    in_main_thread = threading.current_thread() is threading.main_thread()
     with LAUNCH_LOCK:
         if STOPPED.is_set():
             return None
@@ -111,13 +119,18 @@ def start_run(script: Path, env_id: str, seed: int, extra: list, core, work_dir:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # or it would never hear a stop (nor checkpoint)
             if core is not None and hasattr(os, "sched_setaffinity"):
                 os.sched_setaffinity(0, {core})
+        if in_main_thread:
+            MAIN_LAUNCHING.set()
         try:
             with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            preexec_fn=prepare_child)
             RUNNING.add(process)
         finally:
+            MAIN_LAUNCHING.clear()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if in_main_thread and DEFERRED_STOPS:
+        stop_runs(DEFERRED_STOPS.pop(), None)
     return process, runs_dir, log_path
 
 
