@@ -14,15 +14,18 @@ from pathlib import Path
 from run import REPO, RunResult, command_line, file_stem, mean_and_se, plot_groups
 
 
-def load_results(folder: Path, env_id: str) -> list:
-    """The per-seed curves a run.py folder holds for env_id, as RunResults."""
+def load_results(folder: Path, env_id: str, seeds=None) -> list:
+    """The per-seed curves a run.py folder holds for env_id (only `seeds`, where given), as RunResults."""
     path = folder / f"{file_stem(env_id)}.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a benchmark/run.py result for {env_id}")
     curves = defaultdict(list)
     with open(path) as f:
         for row in csv.DictReader(f):
-            curves[int(row["seed"])].append(row)
+            if seeds is None or int(row["seed"]) in seeds:
+                curves[int(row["seed"])].append(row)
+    if not curves:
+        raise FileNotFoundError(f"{path} holds none of seeds {min(seeds)}..{max(seeds)}")
     return [RunResult(env_id, seed, float(rows[-1]["wall_seconds"]), rows) for seed, rows in sorted(curves.items())]
 
 
@@ -32,15 +35,21 @@ def main(argv=None) -> None:
     parser.add_argument("--env-id", default="CartPole-v1")
     parser.add_argument("--threshold", type=float, default=None, help="a dashed line at this return")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="compare only seeds first-seed..first-seed+N-1 of each folder (default: all)")
+    parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("programs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run.py results folder")
     args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    seeds = None if args.seeds is None else range(args.first_seed, args.first_seed + args.seeds)
     groups = []
     for item in args.programs:
         label, _, folder = item.partition("=")
         if not folder:
             parser.error(f"{item!r}: give LABEL=FOLDER")
         try:
-            groups.append((label, load_results(Path(folder), args.env_id)))
+            groups.append((label, load_results(Path(folder), args.env_id, seeds)))
         except FileNotFoundError as error:
             parser.error(str(error))
     out = Path(args.out)

@@ -189,6 +189,10 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
     assert (out / "CartPole-v1.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), f"missing={tmp_path / 'nothing'}"])
+    compare.main(["--out", str(out), "--seeds", "1", "--first-seed", "2", f"ours={tmp_path / 'a'}"])
+    assert "| ours | 1 | 500.00 ± nan | 500.0 |" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(out), "--first-seed", "3", "--seeds", "1", f"ours={tmp_path / 'a'}"])
 
 
 def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_path, capsys):

@@ -229,6 +229,13 @@ def test_training_stops_at_the_first_eval_that_reaches_the_reward_threshold(tmp_
     assert trained_on["steps"] == 200 and trained_on["replay"].size == 200
 
 
+def test_an_eval_that_only_scrapes_past_the_threshold_does_not_count_as_solved():
+    scraped = np.array([500.0] * 95 + [25.0] * 5)  # mean 476.25, standard error 10.6
+    assert scraped.mean() >= 475 and not dqn.surely_reaches(scraped, 475)
+    assert dqn.surely_reaches(np.full(100, 500.0), 475)
+    assert dqn.surely_reaches(np.array([480.0, 490.0] * 50), 475)  # mean 485, standard error 0.5
+
+
 def test_same_seed_same_run(tmp_path):
     first = dqn.train(small_args(tmp_path, seed=7))
     second = dqn.train(small_args(tmp_path, seed=7))
