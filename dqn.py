@@ -301,7 +301,7 @@ class Evaluator:
 
 def surely_reaches(returns: np.ndarray, threshold: float) -> bool:
     """Whether an evaluation's mean return, less two standard errors, reaches the threshold. A policy that
-    only scraped past it would often fall short on fresh episodes (benchmark/results/cartpole-stop-when-solved)."""
+    only scraped past it would often fall short on fresh episodes (benchmark/results/cartpole-stop-no-margin)."""
     return returns.mean() - 2 * returns.std() / np.sqrt(len(returns)) >= threshold
 
 
