@@ -25,7 +25,8 @@ def load_results(folder: Path, env_id: str, seeds=None) -> list:
             if seeds is None or int(row["seed"]) in seeds:
                 curves[int(row["seed"])].append(row)
     if not curves:
-        raise FileNotFoundError(f"{path} holds none of seeds {min(seeds)}..{max(seeds)}")
+        which = "no runs" if seeds is None else f"none of seeds {min(seeds)}..{max(seeds)}"
+        raise ValueError(f"{path} holds {which}: nothing to compare")
     return [RunResult(env_id, seed, float(rows[-1]["wall_seconds"]), rows) for seed, rows in sorted(curves.items())]
 
 
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
             parser.error(f"{item!r}: give LABEL=FOLDER")
         try:
             groups.append((label, load_results(Path(folder), args.env_id, seeds)))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

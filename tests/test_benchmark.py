@@ -193,6 +193,11 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
     assert "| ours | 1 | 500.00 ± nan | 500.0 |" in (out / "summary.md").read_text()
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), "--first-seed", "3", "--seeds", "1", f"ours={tmp_path / 'a'}"])
+    (tmp_path / "failed").mkdir()  # every run failed: a CSV with its header only
+    bench.write_env_outputs(tmp_path / "failed", "CartPole-v1", [bench.RunResult("CartPole-v1", 1, 1.0, [], "exit 1")],
+                            threshold=475)
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(out), f"failed={tmp_path / 'failed'}"])
 
 
 def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_path, capsys):
