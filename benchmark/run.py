@@ -76,7 +76,7 @@ class RunResult:
 
 
 def steps_range(steps: list) -> str:
-    """"60000", or "20000–60000" where runs stopped at different steps."""
+    """The steps column: one number, or the range ("20000–60000") where runs stopped at different steps."""
     if not steps:
         return "0"
     return str(min(steps)) if min(steps) == max(steps) else f"{min(steps)}–{max(steps)}"

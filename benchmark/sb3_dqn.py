@@ -36,6 +36,7 @@ class EvalCallback(BaseCallback):
         self.csv = csv.writer(self.file)
         self.csv.writerow(["step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
         self.start = time.time()
+        self.solved_return = gym.spec(args.env_id).reward_threshold if args.stop_when_solved else None
 
     def record(self, step: int) -> np.ndarray:
         self.model.q_net.set_training_mode(False)
@@ -49,9 +50,8 @@ class EvalCallback(BaseCallback):
         step = self.num_timesteps
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.args.total_timesteps:
             returns = self.record(step)
-            solved_return = gym.spec(self.args.env_id).reward_threshold if self.args.stop_when_solved else None
             # False ends model.learn, where dqn.py stops
-            return solved_return is None or not dqn.surely_reaches(returns, solved_return)
+            return self.solved_return is None or not dqn.surely_reaches(returns, self.solved_return)
         return True
 
 
