@@ -174,7 +174,7 @@ def test_speed_comparison_end_to_end(tmp_path):
     assert f"| sb3 | {report['medians']['sb3']:.1f} | {ratio:.2f} |" in (out / "summary.md").read_text()
 
 
-def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
+def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path, capsys):
     import compare
 
     for name, finals in (("a", [[20, 480], [30, 500]]), ("b", [[10, 100], [40, 300]])):
@@ -193,6 +193,9 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path):
     assert "| ours | 1 | 500.00 ± nan | 500.0 |" in (out / "summary.md").read_text()
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), "--first-seed", "3", "--seeds", "1", f"ours={tmp_path / 'a'}"])
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(out), "--seeds", "0", f"ours={tmp_path / 'a'}"])
+    assert "--seeds must be at least 1" in capsys.readouterr().err
     (tmp_path / "failed").mkdir()  # every run failed: a CSV with its header only
     bench.write_env_outputs(tmp_path / "failed", "CartPole-v1", [bench.RunResult("CartPole-v1", 1, 1.0, [], "exit 1")],
                             threshold=475)
