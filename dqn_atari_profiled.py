@@ -180,6 +180,7 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self.totals.clear()
         self.calls.clear()
+        self.pending.clear()  # CUDA: laps before a restart are not charged against the new first event
         self.last_time = time.perf_counter()
         if self.cuda:
             self.last_event = torch.cuda.Event(enable_timing=True)
@@ -1168,9 +1169,15 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         torch_profiler.start()
     start_time = time.time()
     PHASES.start(device)
+    profiled_from = start_step
     final_returns = None
     global_step = start_step - 1  # steps done; a resumed run may have nothing left to do
     while global_step < args.total_timesteps:
+        if global_step <= updates_begin_at < global_step + args.num_envs:
+            # updates begin in this pass: the table times the learning phase (what speed.py measures),
+            # not the collection before it, which has no updates and would dilute their share
+            PHASES.start(device)
+            profiled_from = global_step + 1
         # this pass steps every game once: env steps global_step + 1 .. global_step + num_envs
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step + 1)
         with torch.no_grad():  # with one game, the draws of a one-game loop
@@ -1244,10 +1251,12 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     stop_py_spy(recorders)
     if recorders:
         print(f"py-spy: {os.path.join(run_dir, 'py-spy.svg')} and py-spy.speedscope.json", flush=True)
-    steps_run = global_step - start_step + 1
+    steps_run = global_step - profiled_from + 1
     if steps_run > 0:
         profile = PHASES.table(steps_run)
-        print(f"where the time went, over {steps_run:,} env steps on {device}:\n{profile}", flush=True)
+        phase = "learning phase, " if profiled_from > updates_begin_at else ""
+        print(f"where the time went, over {steps_run:,} env steps ({phase}steps {profiled_from:,} to "
+              f"{global_step:,}) on {device}:\n{profile}", flush=True)
         writer.add_text("profile", "<pre>" + profile + "</pre>", global_step)
         for phase, seconds in PHASES.totals.items():
             writer.add_scalar(f"profile/{phase.replace(': ', '_').replace(' ', '_')}_ms_per_step",

@@ -42,20 +42,30 @@ def test_the_diff_with_dqn_atari_is_only_the_harness():
     assert removed <= REPLACED, f"dqn_atari.py lines missing from the profiled copy: {removed - REPLACED}"
 
 
-def test_phase_table_accounts_for_the_whole_loop_and_cprofile_and_torch_profiler_write(tmp_path):
+def test_phase_table_accounts_for_the_whole_learning_phase_and_cprofile_and_torch_profiler_write(tmp_path):
     finished = run_script("dqn_atari_profiled.py", *TINY, "--cprofile", "--torch-profiler", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
-    table = finished.stdout.split("where the time went, over 600 env steps on cpu:")[1]
+    # the 300 collection steps before learning starts are left out: they have no updates
+    table = finished.stdout.split("where the time went, over 300 env steps (learning phase, steps 301 to 600) on "
+                                  "cpu:")[1]
     rows = {line[:28].strip(): line[28:].split() for line in table.splitlines()[2:] if line[:28].strip()}
     for phase in PHASES:
         assert phase in rows, phase
     shares = [float(row[1].rstrip("%")) for name, row in rows.items() if name in PHASES or name == "total"]
     assert shares[-1] == 100.0 and sum(shares[:-1]) == pytest.approx(100.0, abs=0.5)
-    assert int(rows["env step"][2]) == 600  # one lap a step: a game's reset is part of its step
+    assert int(rows["env step"][2]) == 300  # one lap a step: a game's reset is part of its step
     assert rows["update: backward"][2] == "75"  # one update every 4 steps after step 300
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "cprofile.prof").stat().st_size > 0 and "Ordered by: internal time" in finished.stdout
     assert (run_dir / "torch_trace.json").stat().st_size > 0
+
+
+def test_a_run_without_updates_is_timed_whole(tmp_path):
+    no_updates = ["--total-timesteps", "200", "--learning-starts", "300", *TINY[TINY.index("--buffer-size"):]]
+    finished = run_script("dqn_atari_profiled.py", *no_updates, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert "where the time went, over 200 env steps (steps 1 to 200) on cpu:" in finished.stdout
+    assert "update: forward" not in finished.stdout
 
 
 @pytest.mark.skipif(shutil.which("py-spy") is None and
