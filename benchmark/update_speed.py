@@ -2,10 +2,12 @@
 options, interleaved round by round with a fixed torch thread count, medians and ratios reported.
 
     python benchmark/update_speed.py --threads 1 --rounds 10 --out benchmark/results/update-speed-cpu
+    python benchmark/update_speed.py --threads 2 --layers --out DIR   # + each layer's share, float32 and bf16
 
 One update is what the training loop does every `--train-frequency` steps: the target network's forward
 under no_grad, the online forward and backward, the optimizer's step (dqn_atari.td_update on a random uint8
-batch). Each variant starts from the same weights; warm-up updates are not timed.
+batch). Each variant starts from the same weights; warm-up updates are not timed. --layers also times each
+layer's part of an update alone, interleaved with the rest, and the rate of arithmetic it reaches.
 """
 
 import argparse
@@ -33,6 +35,54 @@ COMPILED_VARIANTS = {  # --compile: each network's forward (and so its backward)
     "float32 compiled": (False, False, True),
     "bf16 compiled": (True, False, True),
 }
+
+
+LAYERS = {  # --layers: name -> (index in QNetwork.network, the input of one observation)
+    "conv1 8x8 stride 4": (0, (dqn_atari.STACK, 84, 84)),
+    "conv2 4x4 stride 2": (2, (32, 20, 20)),
+    "conv3 3x3": (4, (64, 9, 9)),
+    "linear 3136-512": (7, (3136,)),
+}
+
+
+def make_layer_pass(index: int, obs_shape: tuple, bf16: bool, device: torch.device, batch_size: int = 32):
+    """A closure doing one layer's part of an update: a forward under no_grad (the target network's), a forward
+    and its backward (the online network's; the first layer's input, the frames, needs no gradient). Under
+    bf16 a later layer's input is already bf16, as the layer before hands it on. Returns (closure, GFLOP)."""
+    torch.manual_seed(0)
+    layer = dqn_atari.QNetwork(6).network[index].to(device)
+    dtype = torch.bfloat16 if bf16 and index > 0 else torch.float32
+    obs, target_obs = torch.rand(2, batch_size, *obs_shape, device=device).to(dtype)
+    obs.requires_grad_(index > 0)
+    with torch.no_grad():
+        outputs = layer(target_obs.float()).numel()
+    passes = 4 if index > 0 else 3  # two forwards, the weights' gradient, and the input's where it is needed
+    gflop = passes * 2 * outputs * layer.weight[0].numel() / 1e9
+
+    def layer_pass():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            with torch.no_grad():
+                layer(target_obs)
+            out = layer(obs)
+        out.float().sum().backward()
+        layer.zero_grad(set_to_none=True)
+        obs.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return layer_pass, gflop
+
+
+def layer_table(medians: dict, gflops: dict) -> str:
+    """Each layer's ms in float32 and bf16 and bf16's GFLOP/s; their sums against the whole updates'."""
+    lines = ["| layer | float32 ms | bf16 ms | GFLOP | bf16 GFLOP/s |", "|---|---|---|---|---|"]
+    for name, gflop in gflops.items():
+        fp32, bf16 = medians[f"{name}, float32"], medians[f"{name}, bf16"]
+        lines.append(f"| {name} | {fp32:.2f} | {bf16:.2f} | {gflop:.3f} | {gflop / bf16 * 1000:.0f} |")
+    sums = [sum(medians[f"{name}, {kind}"] for name in gflops) for kind in ("float32", "bf16")]
+    lines.append(f"| all four | {sums[0]:.2f} | {sums[1]:.2f} | {sum(gflops.values()):.3f} | "
+                 f"{sum(gflops.values()) / sums[1] * 1000:.0f} |")
+    lines.append(f"| whole update (above) | {medians['float32']:.2f} | {medians['bf16']:.2f} | | |")
+    return "\n".join(lines)
 
 
 def make_update(bf16: bool, channels_last: bool, compiled: bool, device: torch.device, n_actions: int = 6,
@@ -68,6 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--updates", type=int, default=10, help="updates per variant per round")
     parser.add_argument("--cuda", action="store_true", help="time on the GPU instead of the CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (float32, bf16)")
+    parser.add_argument("--layers", action="store_true", help="also time each layer's part of an update alone")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if min(args.threads, args.rounds, args.updates) < 1:
@@ -82,6 +133,11 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # others' work sharing the machine
     variants = {**VARIANTS, **(COMPILED_VARIANTS if args.compile else {})}
     updates = {name: make_update(*options, device) for name, options in variants.items()}
+    gflops = {}
+    if args.layers:
+        for name, (index, obs_shape) in LAYERS.items():
+            for kind, bf16 in (("float32", False), ("bf16", True)):
+                updates[f"{name}, {kind}"], gflops[name] = make_layer_pass(index, obs_shape, bf16, device)
     for update in updates.values():
         for _ in range(3):
             update()
@@ -96,8 +152,10 @@ def main(argv=None) -> None:
               flush=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
     lines = ["| variant | median ms per update | speed-up over float32 |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {medians['float32'] / ms:.2f}x |" for name, ms in medians.items()]
-    table = "\n".join(lines)
+    lines += [f"| {name} | {ms:.1f} | {medians['float32'] / ms:.2f}x |" for name, ms in medians.items()
+              if name in variants]
+    table = "\n".join(lines) + (f"\n\nEach layer's part of an update, alone:\n\n{layer_table(medians, gflops)}"
+                                if gflops else "")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -234,6 +234,19 @@ def test_update_speed_times_every_variant(tmp_path):
     assert "| bf16 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_update_speed_layers_time_each_layer_and_count_the_update_s_arithmetic(tmp_path):
+    import update_speed
+
+    update_speed.main(["--rounds", "1", "--updates", "1", "--layers", "--out", str(tmp_path)])
+    medians = json.loads((tmp_path / "update_speed.json").read_text())["medians_ms"]
+    assert {f"{name}, {kind}" for name in update_speed.LAYERS for kind in ("float32", "bf16")} <= set(medians)
+    summary = (tmp_path / "summary.md").read_text()
+    # two forwards and the weights' gradient of each layer, and the input's gradient after the first: 2.18 GFLOP,
+    # the update's arithmetic (2.2 GFLOP in issue 4)
+    assert "| all four |" in summary and "| 2.182 |" in summary
+    assert "| conv1 8x8 stride 4 |" in summary and "| 0.629 |" in summary
+
+
 def test_cartpole_failures_names_how_episodes_end_and_reads_q_against_the_truth(tmp_path, capsys):
     import cartpole_failures
     import dqn  # importable: cartpole_failures puts the repository root on the path
