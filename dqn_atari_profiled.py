@@ -1254,8 +1254,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     steps_run = global_step - profiled_from + 1
     if steps_run > 0:
         profile = PHASES.table(steps_run)
-        phase = "learning phase, " if profiled_from > updates_begin_at else ""
-        print(f"where the time went, over {steps_run:,} env steps ({phase}steps {profiled_from:,} to "
+        which = "learning phase, " if profiled_from > updates_begin_at else ""
+        print(f"where the time went, over {steps_run:,} env steps ({which}steps {profiled_from:,} to "
               f"{global_step:,}) on {device}:\n{profile}", flush=True)
         writer.add_text("profile", "<pre>" + profile + "</pre>", global_step)
         for phase, seconds in PHASES.totals.items():

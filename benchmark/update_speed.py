@@ -37,7 +37,7 @@ COMPILED_VARIANTS = {  # --compile: each network's forward (and so its backward)
 }
 
 
-LAYERS = {  # --layers: name -> (index in QNetwork.network, the input of one observation)
+LAYERS = {  # --layers: name -> (index in QNetwork.network, its input's shape for one observation)
     "conv1 8x8 stride 4": (0, (dqn_atari.STACK, 84, 84)),
     "conv2 4x4 stride 2": (2, (32, 20, 20)),
     "conv3 3x3": (4, (64, 9, 9)),
@@ -45,28 +45,28 @@ LAYERS = {  # --layers: name -> (index in QNetwork.network, the input of one obs
 }
 
 
-def make_layer_pass(index: int, obs_shape: tuple, bf16: bool, device: torch.device, batch_size: int = 32):
+def make_layer_pass(index: int, input_shape: tuple, bf16: bool, device: torch.device, batch_size: int = 32):
     """A closure doing one layer's part of an update: a forward under no_grad (the target network's), a forward
     and its backward (the online network's; the first layer's input, the frames, needs no gradient). Under
     bf16 a later layer's input is already bf16, as the layer before hands it on. Returns (closure, GFLOP)."""
     torch.manual_seed(0)
     layer = dqn_atari.QNetwork(6).network[index].to(device)
     dtype = torch.bfloat16 if bf16 and index > 0 else torch.float32
-    obs, target_obs = torch.rand(2, batch_size, *obs_shape, device=device).to(dtype)
-    obs.requires_grad_(index > 0)
+    inputs, target_inputs = torch.rand(2, batch_size, *input_shape, device=device).to(dtype)
+    inputs.requires_grad_(index > 0)
     with torch.no_grad():
-        outputs = layer(target_obs.float()).numel()
+        outputs = layer(target_inputs.float()).numel()
     passes = 4 if index > 0 else 3  # two forwards, the weights' gradient, and the input's where it is needed
     gflop = passes * 2 * outputs * layer.weight[0].numel() / 1e9
 
     def layer_pass():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             with torch.no_grad():
-                layer(target_obs)
-            out = layer(obs)
+                layer(target_inputs)
+            out = layer(inputs)
         out.float().sum().backward()
         layer.zero_grad(set_to_none=True)
-        obs.grad = None
+        inputs.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
     return layer_pass, gflop
@@ -135,9 +135,9 @@ def main(argv=None) -> None:
     updates = {name: make_update(*options, device) for name, options in variants.items()}
     gflops = {}
     if args.layers:
-        for name, (index, obs_shape) in LAYERS.items():
+        for name, (index, input_shape) in LAYERS.items():
             for kind, bf16 in (("float32", False), ("bf16", True)):
-                updates[f"{name}, {kind}"], gflops[name] = make_layer_pass(index, obs_shape, bf16, device)
+                updates[f"{name}, {kind}"], gflops[name] = make_layer_pass(index, input_shape, bf16, device)
     for update in updates.values():
         for _ in range(3):
             update()
