@@ -15,19 +15,19 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE_RANDINT = "idx = self.rng.integers(0, self.size, size=batch_size)"
-SAMPLE_CHOICE = "idx = np.random.choice(self.size, batch_size, replace=False)"
+CHOICE = "np.random.choice sampling"
 # Shared by both scripts' learners: (bug, line as it is, line with the bug)
 LEARNER = [
     ("loss off by a factor of 2", "loss = F.smooth_l1_loss(q_taken, target)",
      "loss = 0.5 * F.smooth_l1_loss(q_taken, target)"),
-    ("np.random.choice sampling", SAMPLE_RANDINT, SAMPLE_CHOICE),
     ("backprop through the target network", "@torch.no_grad()  # the target is a constant", "# the target"),
     ("`done` where `1 - done` belongs", "gamma * next_q * (1.0 - terminated)", "gamma * next_q * terminated"),
     ("target-sync counter never incremented", "        self.steps += 1  # the seed's", "        pass  # the seed's"),
 ]
 BUGS = {
     "dqn.py": LEARNER + [
+        (CHOICE, "idx = self.rng.integers(0, self.size, size=batch_size)",
+         "idx = np.random.choice(self.size, batch_size, replace=False)"),
         ("float64 replay", "self.observations = np.zeros((capacity, obs_dim), dtype=np.float32)",
          "self.observations = np.zeros((capacity, obs_dim), dtype=np.float64)"),
         ("batch built from a list of arrays", "return tuple(torch.from_numpy(array[idx]).to(self.device) for",
@@ -38,6 +38,8 @@ BUGS = {
          "reward * args.reward_scale, next_obs, terminated or truncated)"),
     ],
     "dqn_atari.py": LEARNER + [
+        (CHOICE, "flat = self.rng.integers(0, self.streams * filled, size=count)",
+         "flat = np.random.choice(self.streams * filled, count, replace=False)"),
         ("float64 replay", "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8",
          "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.float64"),
         ("batch built from a list of arrays", "stacks = self.frames.index_select(0, flat_slots.to(self.frames.device))",

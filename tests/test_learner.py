@@ -123,3 +123,18 @@ def test_epsilon_greedy_extremes(script):
     assert greedy.tolist() == [1, 2] * 50
     random_actions = script.epsilon_greedy(network, obs, 1.0, 3, rng)
     assert set(random_actions.tolist()) == {0, 1, 2}
+
+
+# ---- the seed bugs' reintroduction ----
+
+def test_every_line_reintroduce_seed_bugs_patches_is_in_its_script_once():
+    """tests/reintroduce_seed_bugs.py (too slow for the suite) puts each seed bug back by replacing a line; a line
+    reworded since would make it stop at that bug, so the suite checks that every line is still there."""
+    import reintroduce_seed_bugs
+    from script_runner import REPO
+
+    for script, bugs in reintroduce_seed_bugs.BUGS.items():
+        source = (REPO / script).read_text()
+        for bug, line, buggy in bugs:
+            assert source.count(line) == 1, f"{script}, {bug}: {line!r} is not in the file once"
+            assert buggy != line
