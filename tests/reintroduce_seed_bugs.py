@@ -58,9 +58,12 @@ BUGS = {
          ".astype(np.int64))", "np.arange(STACK - 1, -1, -1)[None, :].repeat(len(idx), 0)"),
     ],
 }
+# The suite's check that each line above is in its script would fail on every patched copy: left out here
+NOT_THE_LINE_CHECK = "not reintroduce_seed_bugs"
 TESTS = {"dqn.py": ["tests/test_dqn.py", "tests/test_learner.py", "tests/test_parity_sb3.py", "-k",
-                    "not atari and not learns_quickly"],
-         "dqn_atari.py": ["tests/test_dqn_atari.py", "tests/test_learner.py", "tests/test_parity_sb3.py", "-k", "atari"]}
+                    f"not atari and not learns_quickly and {NOT_THE_LINE_CHECK}"],
+         "dqn_atari.py": ["tests/test_dqn_atari.py", "tests/test_learner.py", "tests/test_parity_sb3.py", "-k",
+                          f"atari and {NOT_THE_LINE_CHECK}"]}
 
 
 def main() -> None:
