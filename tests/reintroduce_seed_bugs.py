@@ -1,7 +1,7 @@
 """Puts each bug of the seed back into a copy of the repository, one at a time, runs the suite's fast tests
 there, and prints which tests caught it. Every bug must be caught by at least one test; exit status 1 if not.
 
-    python tests/reintroduce_seed_bugs.py            # about 5 minutes on two cores
+    python tests/reintroduce_seed_bugs.py            # about 30 minutes on two cores
 
 Not collected by pytest (it runs the suite many times over); the list it prints is the evidence that each
 bug named in the tests' docstrings really fails them.
