@@ -906,7 +906,11 @@ def make_run_dir(args: Args) -> str:
     run_dir, suffix = base, 1
     while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
         run_dir, suffix = f"{base}-{suffix}", suffix + 1
-    os.makedirs(run_dir)
+    try:
+        os.makedirs(run_dir)
+    except OSError as error:  # a missing parent we may not create, a file in the way, no permission
+        raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
+                          "--runs-dir") from None
     return run_dir
 
 

@@ -21,6 +21,7 @@ def run_dqn(*args, cwd):
     (["--hidden-sizes", "0"], "--hidden-sizes must be one or more positive widths"),
     (["--reward-scale", "0"], "--reward-scale must be positive, got 0.0"),
     (["--eval-model", "missing.pt"], "no saved model at missing.pt"),
+    (["--runs-dir", "/dev/null"], "cannot create the run directory /dev/null/CartPole-v1__dqn__1__"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
     assert_one_line_error(run_dqn(*args, cwd=tmp_path), fragment)

@@ -555,6 +555,7 @@ def test_a_replay_in_gpu_memory_gives_the_pinned_replays_batches(tmp_path):
     (["--learning-starts", "0"], "--learning-starts must be positive, got 0"),
     (["--buffer-size", "100000000"], "a replay of 100,000,000 frames needs 707.10 GB"),
     (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
+    (["--runs-dir", "/dev/null", "--buffer-size", "1000"], "cannot create the run directory /dev/null/Breakout"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
     assert_one_line_error(run_script("dqn_atari.py", *args, cwd=tmp_path), fragment, script="dqn_atari.py")
