@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from eval_checkpoint import load_agent
-from run import REPO, command_line, git_commit, provenance
+from run import REPO, command_line, git_commit, output_folder, provenance
 
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
@@ -82,6 +82,7 @@ def main(argv=None) -> None:
         parser.error(str(error))
     if checkpoint.get("replay") is None:
         parser.error(f"{args.checkpoint} holds no replay: write it with --checkpoint-replay")
+    out = output_folder(parser, args.out)
     torch.set_num_threads(args.threads)
     n_actions = q_network.network[-1].out_features
     replay = dqn_atari.FrameReplay(run_args.buffer_size, torch.device("cpu"), 0)
@@ -114,8 +115,6 @@ def main(argv=None) -> None:
                      + ", ".join(f"{e:.1f}" for e in evals) + " |")
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = command_line(__file__, argv)
     commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
     (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))

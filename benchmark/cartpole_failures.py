@@ -19,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from run import REPO, command_line, git_commit, provenance
+from run import REPO, command_line, git_commit, output_folder, provenance
 
 sys.path.insert(0, str(REPO))
 import dqn  # noqa: E402
@@ -78,6 +78,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.lookahead < 1 or not 0 <= args.gamma < 1:
         parser.error("--episodes and --lookahead must be at least 1, --gamma in [0, 1)")
+    out = output_folder(parser, args.out) if args.out else None
     rows = {}
     for path in args.models:
         try:
@@ -97,9 +98,7 @@ def main(argv=None) -> None:
                      f"({row[f'return_{k}_steps_before_failure']:.3f}) |")
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out:
         command = command_line(__file__, argv)
         commit = git_commit([Path(__file__), REPO / "dqn.py"])
         (out / "failures.json").write_text(json.dumps({"command": command, "commit": commit, "models": rows},

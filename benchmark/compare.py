@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from run import REPO, RunResult, command_line, file_stem, mean_and_se, plot_groups
+from run import REPO, RunResult, command_line, file_stem, mean_and_se, output_folder, plot_groups
 
 
 def load_results(folder: Path, env_id: str, seeds=None) -> list:
@@ -53,8 +53,7 @@ def main(argv=None) -> None:
             groups.append((label, load_results(Path(folder), args.env_id, seeds)))
         except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(parser, args.out)
     plot_groups(out / f"{file_stem(args.env_id)}.png", args.env_id, groups, args.threshold)
     lines = ["| program | seeds | final eval mean ± SE | per-seed finals |", "|---|---|---|---|"]
     for label, results in groups:

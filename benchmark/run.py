@@ -264,6 +264,35 @@ def provenance(command: str, commit: str, machine_note: str = "") -> str:
             f"- machine: {machine_description()}{machine_note}\n")
 
 
+def output_folder(parser, out) -> Path:
+    """--out, made now, before the work: a folder that cannot be made is refused in one line at the start,
+    not after hours of runs whose results would then have nowhere to go."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"cannot create --out {out} ({error.strerror})")
+    return out
+
+
+def solve_thresholds(parser, env_ids: list, threshold) -> dict:
+    """Each env's final eval that counts as solved: --threshold, else its spec's (None for Atari games).
+    An id gymnasium does not know is refused before any run starts."""
+    import gymnasium as gym
+    try:
+        import ale_py  # registers the Atari ids
+        gym.register_envs(ale_py)
+    except ImportError:
+        pass
+    thresholds = {}
+    for env_id in env_ids:
+        try:
+            thresholds[env_id] = threshold if threshold is not None else gym.spec(env_id).reward_threshold
+        except gym.error.Error as error:
+            parser.error(f"unknown env id {env_id!r} ({type(error).__name__}: {error})")
+    return thresholds
+
+
 def git_commit(code: list) -> str:
     """HEAD, flagged when the files that produced the result (script, runner) differ from it."""
     try:
@@ -308,8 +337,9 @@ def main(argv=None) -> None:
             results = [result_from_run_dir(run_dir) for run_dir in args.from_runs]
         except ValueError as error:
             parser.error(str(error))
-        env_ids = list(dict.fromkeys(r.env_id for r in results))
-        write_report(args, argv, env_ids, results, script=None, seconds=sum(r.wall_seconds for r in results),
+        thresholds = solve_thresholds(parser, list(dict.fromkeys(r.env_id for r in results)), args.threshold)
+        write_report(output_folder(parser, args.out), argv, thresholds, results, script=None,
+                     seconds=sum(r.wall_seconds for r in results),
                      how="runs read from their directories (trained before this report; see each run's flags)")
         return
     extra = argv[split + 1:]
@@ -318,11 +348,12 @@ def main(argv=None) -> None:
         parser.error(f"no script at {script}")
     if args.seeds < 1 or args.workers < 1:
         parser.error("--seeds and --workers must be at least 1")
+    thresholds = solve_thresholds(parser, args.env_ids, args.threshold)
+    out = output_folder(parser, args.out)
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, stop_runs)
-    out = Path(args.out)
     log_dir = out / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(exist_ok=True)
     jobs = [(env_id, seed) for env_id in args.env_ids
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
@@ -337,27 +368,18 @@ def main(argv=None) -> None:
             results.append(result)
             status = result.error or f"final eval {result.final:.2f}"
             print(f"{result.env_id} seed {result.seed}: {status} ({result.wall_seconds:.1f}s)", flush=True)
-    write_report(args, argv, args.env_ids, results, script, time.perf_counter() - started,
+    write_report(out, argv, thresholds, results, script, time.perf_counter() - started,
                  f"workers: {args.workers}, one torch thread each, pinned to a core")
     if any(r.error for r in results):
         sys.exit(f"{sum(bool(r.error) for r in results)} run(s) failed; see {log_dir}")
 
 
-def write_report(args, argv: list, env_ids: list, results: list, script, seconds: float, how: str) -> None:
-    """Per env outputs, the printed table and summary.md with the command, commit and machine."""
-    import gymnasium as gym
-    try:
-        import ale_py  # registers the Atari ids, whose spec gives the threshold (none)
-        gym.register_envs(ale_py)
-    except ImportError:
-        pass
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for env_id in env_ids:
-        threshold = args.threshold if args.threshold is not None else gym.spec(env_id).reward_threshold
-        rows.append(write_env_outputs(out, env_id, [r for r in results if r.env_id == env_id], threshold))
+def write_report(out: Path, argv: list, thresholds: dict, results: list, script, seconds: float, how: str) -> None:
+    """Per env outputs, the printed table and summary.md with the command, commit and machine.
+    thresholds: each env id's solve threshold, in the report's order."""
+    env_ids = list(thresholds)
+    rows = [write_env_outputs(out, env_id, [r for r in results if r.env_id == env_id], threshold)
+            for env_id, threshold in thresholds.items()]
     table = format_table(rows)
     print(table)
     command = command_line(__file__, argv)

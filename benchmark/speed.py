@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO, command_line, git_commit, provenance
+from run import REPO, command_line, git_commit, output_folder, provenance
 
 SB3_VENV = REPO / "benchmark" / ".sb3-venv"
 CLEANRL_VENV = REPO / "benchmark" / ".cleanrl-venv"
@@ -166,6 +166,7 @@ def main(argv=None) -> None:
         parser.error(f"no CleanRL environment at {args.cleanrl_python}: run `python benchmark/speed.py --setup-cleanrl`")
     if not args.out:
         parser.error("--out is required")
+    out = output_folder(parser, args.out)
     args.cores = set(sorted(os.sched_getaffinity(0))[:args.threads])
 
     samples = {}
@@ -190,8 +191,6 @@ def main(argv=None) -> None:
                      f"{f'{replay / 1e9:.3f} GB' if replay else 'n/a'} |")
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = command_line(__file__, argv)
     commit = git_commit([REPO / "dqn_atari.py", Path(__file__), REPO / "benchmark" / "sb3_dqn_atari.py"])
     (out / "speed.json").write_text(json.dumps({"samples": samples, "medians": medians}, indent=1))

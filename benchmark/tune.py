@@ -34,7 +34,8 @@ from pathlib import Path
 
 import compare
 import run
-from run import REPO, command_line, finish_run, git_commit, provenance, read_eval_curve, start_run
+from run import (REPO, command_line, finish_run, git_commit, output_folder, provenance, read_eval_curve,
+                 start_run)
 
 POLL_SECONDS = 0.5
 RECHECK_FIRST_SEED = 1001  # seeds no trial has seen
@@ -423,7 +424,7 @@ def parse(argv: list):
         parser.error(f"{', '.join(clash)} after -- is also tuned; drop it or leave it out of --params")
     if args.n_trials < 1 or args.workers < 1 or args.seeds < 1 or args.recheck_seeds < 0:
         parser.error("--n-trials, --workers and --seeds must be at least 1, --recheck-seeds at least 0")
-    out = Path(args.out)
+    out = output_folder(parser, args.out)
     config = Config(args.study, args.storage or str(out / "study.journal"), script, args.env_id,
                     tuple(range(1, args.seeds + 1)), args.objective, tuple(n for n in space if n in names), fixed,
                     args.n_trials, args.pruner, out)
@@ -435,7 +436,6 @@ def main(argv=None) -> None:
     args, config = parse(argv)
     started = time.perf_counter()
     try:
-        config.out.mkdir(parents=True, exist_ok=True)
         load_study(config, create=True)
         # fresh interpreters: every worker opens the storage itself, as a worker on another machine would
         context = multiprocessing.get_context("spawn")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from run import REPO, command_line, git_commit, machine_description
+from run import REPO, command_line, git_commit, machine_description, output_folder
 
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
@@ -125,6 +125,7 @@ def main(argv=None) -> None:
         parser.error("--threads, --rounds and --updates must be at least 1")
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: no CUDA device here")
+    out = output_folder(parser, args.out)
     torch.set_num_threads(args.threads)
     dqn_atari.keep_freed_memory()  # as dqn_atari.py's train() does: updates that do not page-fault
     if hasattr(os, "sched_setaffinity"):
@@ -157,8 +158,6 @@ def main(argv=None) -> None:
     table = "\n".join(lines) + (f"\n\nEach layer's part of an update, alone:\n\n{layer_table(medians, gflops)}"
                                 if gflops else "")
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = command_line(__file__, argv)
     code = [Path(__file__), REPO / "dqn_atari.py"]
     device_name = torch.cuda.get_device_name() if args.cuda else machine_description()

@@ -224,6 +224,30 @@ def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_pa
     assert speed.cleanrl_commit(checkout) == speed.cleanrl_commit(REPO / "benchmark") == "unknown (not a git checkout)"
 
 
+@pytest.mark.parametrize("script, argv", [
+    ("run", ["--env-ids", "CartPole-v1", "--seeds", "1"]),
+    ("speed", ["--reference-python", sys.executable]),
+    ("update_speed", []),
+    ("tune", []),
+])
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_work(script, argv, capsys):
+    """The folder is made first: an unwritable --out once cost a whole measurement and ended in a traceback."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main([*argv, "--out", "/dev/null/results"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        ": error: cannot create --out /dev/null/results (Not a directory)")
+
+
+def test_the_runner_refuses_an_unknown_env_id_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--env-ids", "CartPole-v1", "NoSuchEnv-v0", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and ": error: unknown env id 'NoSuchEnv-v0'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_update_speed_times_every_variant(tmp_path):
     import update_speed
 
