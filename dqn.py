@@ -135,6 +135,8 @@ def make_env(env_id: str) -> gym.Env:
     try:
         env = gym.make(env_id)
     except gym.error.Error as error:
+        if env_id.startswith("ALE/") or "NoFrameskip" in env_id:  # ids ale-py registers; this file never imports it
+            raise ConfigError(f"{env_id} is an Atari game: train it with dqn_atari.py") from None
         raise ConfigError(f"unknown env id {env_id!r} ({type(error).__name__}: {error})") from None
     if not isinstance(env.action_space, gym.spaces.Discrete):
         env.close()

@@ -15,6 +15,7 @@ def run_dqn(*args, cwd):
 @pytest.mark.parametrize("args, fragment", [
     (["--env-id", "NoSuchEnv-v0"], "unknown env id 'NoSuchEnv-v0'"),
     (["--env-id", "Pendulum-v1"], "DQN needs Discrete"),
+    (["--env-id", "ALE/Breakout-v5"], "ALE/Breakout-v5 is an Atari game: train it with dqn_atari.py"),
     (["--env-id", "Blackjack-v1"], "dqn.py takes a Discrete or a Box observation space"),
     (["--total-timesteps", "0"], "--total-timesteps must be positive, got 0"),
     (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
