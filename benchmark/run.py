@@ -3,8 +3,9 @@
     python benchmark/run.py --env-ids CartPole-v1 --seeds 10 --workers 2 --out benchmark/results/cartpole
 
 Each run is `python <script> --env-id E --seed S <extra args>` in its own process, with one torch thread and
-pinned to one core. Per env it writes <env>.csv (every eval of every seed), <env>_runs.csv (final eval and
-wall seconds per seed), <env>.png (mean eval curve with a one-standard-error band, seeds faint), and
+pinned to one core (--cores-per-run K: K cores and K threads, for an Atari run with several games). Per env
+it writes <env>.csv (every eval of every seed), <env>_runs.csv (final eval and wall seconds per seed),
+<env>.png (mean eval curve with a one-standard-error band, seeds faint), and
 summary.md (the table, the exact command, commit and machine). Extra arguments after `--` go to the script.
 
     python benchmark/run.py --from-runs runs/PongNoFrameskip-v4__dqn_atari__1__* --out benchmark/results/pong
@@ -98,14 +99,16 @@ def file_stem(env_id: str) -> str:
     return env_id.replace("/", "-")  # ALE/Pong-v5 names a file, not a folder
 
 
-def start_run(script: Path, env_id: str, seed: int, extra: list, core, work_dir: Path, log_dir: Path):
-    """Launches one training process with one torch thread, pinned to `core` unless it is None.
+def start_run(script: Path, env_id: str, seed: int, extra: list, cores, work_dir: Path, log_dir: Path):
+    """Launches one training process pinned to the set `cores`, with as many torch threads; None: one torch
+    thread, unpinned.
 
     Returns (process, runs_dir, log path), or None when the runner has been stopped."""
     runs_dir = work_dir / f"{file_stem(env_id)}__{seed}"
     command = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed),
                "--runs-dir", str(runs_dir), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    threads = str(len(cores)) if cores else "1"
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     log_path = log_dir / f"{file_stem(env_id)}_seed{seed}.log"
     in_main_thread = threading.current_thread() is threading.main_thread()
     with LAUNCH_LOCK:
@@ -117,8 +120,8 @@ def start_run(script: Path, env_id: str, seed: int, extra: list, core, work_dir:
 
         def prepare_child():  # runs in the child before exec; a child keeps the mask it is forked with
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # or it would never hear a stop (nor checkpoint)
-            if core is not None and hasattr(os, "sched_setaffinity"):
-                os.sched_setaffinity(0, {core})
+            if cores and hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, cores)
         if in_main_thread:
             MAIN_LAUNCHING.set()
         try:
@@ -156,9 +159,9 @@ def read_eval_curve(runs_dir: Path) -> list:
     return list(csv.DictReader(lines))
 
 
-def run_one(script: Path, env_id: str, seed: int, extra: list, core, work_dir: Path, log_dir: Path) -> RunResult:
+def run_one(script: Path, env_id: str, seed: int, extra: list, cores, work_dir: Path, log_dir: Path) -> RunResult:
     started = time.perf_counter()
-    launched = start_run(script, env_id, seed, extra, core, work_dir, log_dir)
+    launched = start_run(script, env_id, seed, extra, cores, work_dir, log_dir)
     if launched is None:
         return RunResult(env_id, seed, 0.0, [], "not started: the runner was stopped")
     return finish_run(*launched, env_id, seed, started)
@@ -325,7 +328,11 @@ def main(argv=None) -> None:
     parser.add_argument("--env-ids", nargs="+", default=["CartPole-v1"])
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds: 1..N")
     parser.add_argument("--first-seed", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="runs in parallel, one core each")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs in parallel (default: the cores divided by --cores-per-run)")
+    parser.add_argument("--cores-per-run", type=int, default=1,
+                        help="cores each run is pinned to, with as many torch threads (dqn_atari.py with "
+                             "--num-envs N: N, one per game)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="final eval that counts as solved (default: the env spec's reward_threshold)")
     parser.add_argument("--out", required=True, help="folder for CSVs, PNGs, logs and summary.md")
@@ -346,6 +353,13 @@ def main(argv=None) -> None:
     script = Path(args.script).resolve()
     if not script.is_file():
         parser.error(f"no script at {script}")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    if not 1 <= args.cores_per_run <= len(cores):
+        parser.error(f"--cores-per-run must be from 1 to the {len(cores)} cores here, got {args.cores_per_run}")
+    core_sets = [set(cores[start:start + args.cores_per_run])
+                 for start in range(0, len(cores) - args.cores_per_run + 1, args.cores_per_run)]
+    if args.workers is None:
+        args.workers = len(core_sets)
     if args.seeds < 1 or args.workers < 1:
         parser.error("--seeds and --workers must be at least 1")
     thresholds = solve_thresholds(parser, args.env_ids, args.threshold)
@@ -356,12 +370,11 @@ def main(argv=None) -> None:
     log_dir.mkdir(exist_ok=True)
     jobs = [(env_id, seed) for env_id in args.env_ids
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dqn-bench-") as work, ThreadPoolExecutor(args.workers) as pool:
-        # Job k runs on core k mod cores: with workers == cores, no two runs share a core.
-        futures = [pool.submit(run_one, script, env_id, seed, extra, cores[k % len(cores)], Path(work), log_dir)
-                   for k, (env_id, seed) in enumerate(jobs)]
+        # Job k runs on core set k mod sets: with the default workers, no two runs share a core.
+        futures = [pool.submit(run_one, script, env_id, seed, extra, core_sets[k % len(core_sets)], Path(work),
+                               log_dir) for k, (env_id, seed) in enumerate(jobs)]
         results = []
         for future in futures:
             result = future.result()
@@ -369,7 +382,8 @@ def main(argv=None) -> None:
             status = result.error or f"final eval {result.final:.2f}"
             print(f"{result.env_id} seed {result.seed}: {status} ({result.wall_seconds:.1f}s)", flush=True)
     write_report(out, argv, thresholds, results, script, time.perf_counter() - started,
-                 f"workers: {args.workers}, one torch thread each, pinned to a core")
+                 f"workers: {args.workers}, each run pinned to {args.cores_per_run} core(s) with as many torch "
+                 "threads")
     if any(r.error for r in results):
         sys.exit(f"{sum(bool(r.error) for r in results)} run(s) failed; see {log_dir}")
 

@@ -84,6 +84,32 @@ def test_two_seed_run_end_to_end(tmp_path):
     assert (out / "CartPole-v1.png").exists() and (out / "logs" / "CartPole-v1_seed2.log").exists()
 
 
+def test_cores_per_run_pins_each_run_to_that_many_cores_with_as_many_threads(tmp_path):
+    """An Atari run with several games pinned to one core, as every run once was, would emulate them in turn."""
+    cores = sorted(os.sched_getaffinity(0))
+    fake = tmp_path / "fake.py"  # reports where it runs, then writes a one-row eval.csv as the scripts do
+    fake.write_text("import os, sys\n"
+                    "print('cores', sorted(os.sched_getaffinity(0)), 'threads', os.environ['OMP_NUM_THREADS'])\n"
+                    "run_dir = os.path.join(sys.argv[sys.argv.index('--runs-dir') + 1], 'x__fake__1__1')\n"
+                    "os.makedirs(run_dir)\n"
+                    "open(os.path.join(run_dir, 'eval.csv'), 'w')"
+                    ".write('step,eval_mean,eval_std,episodes,wall_seconds\\n10,1.0,0,1,0.5\\n')\n")
+    out = tmp_path / "out"
+    finished = subprocess.run([*RUNNER, "--script", str(fake), "--env-ids", "CartPole-v1", "--seeds", "2",
+                               "--cores-per-run", str(len(cores)), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    for seed in (1, 2):
+        log = (out / "logs" / f"CartPole-v1_seed{seed}.log").read_text()
+        assert log == f"cores {cores} threads {len(cores)}\n"
+    assert f"each run pinned to {len(cores)} core(s)" in (out / "summary.md").read_text()
+    for wrong in (0, len(cores) + 1):
+        refused = subprocess.run([*RUNNER, "--cores-per-run", str(wrong), "--out", str(out)],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert f"--cores-per-run must be from 1 to the {len(cores)} cores here" in refused.stderr
+
+
 def test_a_failing_run_is_reported_and_exits_nonzero(tmp_path):
     command = [*RUNNER, "--env-ids", "CartPole-v1", "--seeds", "1",
                "--out", str(tmp_path), "--", "--total-timesteps", "-5"]
