@@ -274,7 +274,7 @@ def output_folder(parser, out) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        parser.error(f"cannot create --out {out} ({error.strerror})")
+        parser.error(f"cannot create --out {out} ({error.strerror}); give a folder that can be written")
     return out
 
 

@@ -264,7 +264,7 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_the_work(script, ar
         importlib.import_module(script).main([*argv, "--out", "/dev/null/results"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        ": error: cannot create --out /dev/null/results (Not a directory)")
+        ": error: cannot create --out /dev/null/results (Not a directory); give a folder that can be written")
 
 
 def test_the_runner_refuses_an_unknown_env_id_before_any_run(tmp_path, capsys):
