@@ -943,6 +943,12 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         args = resumed_args(args, checkpoint, flags_given(argv or []))
+        # a run of this length stops after the pass that reaches total_timesteps; a checkpoint past that is a
+        # typo, and resuming it would drop the eval rows and tensorboard events after the checkpoint's step
+        last_step = -(-args.total_timesteps // args.num_envs) * args.num_envs
+        if checkpoint["global_step"] > last_step:
+            raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
+                              f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
     check_args(args)
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 

@@ -438,6 +438,12 @@ def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
     with pytest.raises(atari.ConfigError, match="trained with --bf16 False, not True"):
         atari.train(atari.Args(resume=older_path, bf16=True), ["--resume", older_path, "--bf16"])
 
+    eval_rows = open(os.path.join(run["run_dir"], "eval.csv")).read()
+    with pytest.raises(atari.ConfigError, match="the checkpoint is at step 30, past --total-timesteps 10; give one "
+                                                "of at least 30"):
+        atari.train(atari.Args(resume=path, total_timesteps=10), ["--resume", path, "--total-timesteps", "10"])
+    assert open(os.path.join(run["run_dir"], "eval.csv")).read() == eval_rows
+
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(original[: len(original) // 2])
     with pytest.raises(atari.ConfigError, match="is not a readable dqn_atari.py checkpoint"):
