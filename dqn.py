@@ -111,6 +111,13 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise ConfigError(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
+        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
+    if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
+        raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
+    if args.batch_size > args.buffer_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
+                          f"(--buffer-size {args.buffer_size})")
 
 
 # ---- Environment -------------------------------------------------------------------------------------------

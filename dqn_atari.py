@@ -147,6 +147,13 @@ def check_args(args: Args) -> None:
     if args.buffer_size < 2 * STACK * args.num_envs:  # each game's ring must hold two stacks
         raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames per game "
                           f"({2 * STACK * args.num_envs} for {args.num_envs}), got {args.buffer_size}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
+        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
+    if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
+        raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
+    if args.batch_size > args.buffer_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
+                          f"(--buffer-size {args.buffer_size})")
 
 
 # ---- Environment -------------------------------------------------------------------------------------------

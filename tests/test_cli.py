@@ -23,6 +23,9 @@ def run_dqn(*args, cwd):
     (["--reward-scale", "0"], "--reward-scale must be positive, got 0.0"),
     (["--eval-model", "missing.pt"], "no saved model at missing.pt"),
     (["--runs-dir", "/dev/null"], "cannot create the run directory /dev/null/CartPole-v1__dqn__1__"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    (["--exp-name", "a/b"], "--exp-name names the run directory and must not contain '/', got 'a/b'"),
+    (["--batch-size", "200", "--buffer-size", "100"], "--batch-size 200 is larger than the replay (--buffer-size 100)"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
     assert_one_line_error(run_dqn(*args, cwd=tmp_path), fragment)

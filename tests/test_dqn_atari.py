@@ -562,6 +562,9 @@ def test_a_replay_in_gpu_memory_gives_the_pinned_replays_batches(tmp_path):
     (["--buffer-size", "100000000"], "a replay of 100,000,000 frames needs 707.10 GB"),
     (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
     (["--runs-dir", "/dev/null", "--buffer-size", "1000"], "cannot create the run directory /dev/null/Breakout"),
+    (["--seed", "4294967296"], "--seed must be from 0 to 4294967295, got 4294967296"),
+    (["--exp-name", "a/b"], "--exp-name names the run directory and must not contain '/', got 'a/b'"),
+    (["--batch-size", "64", "--buffer-size", "32"], "--batch-size 64 is larger than the replay (--buffer-size 32)"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
     assert_one_line_error(run_script("dqn_atari.py", *args, cwd=tmp_path), fragment, script="dqn_atari.py")
