@@ -76,8 +76,9 @@ def main(argv=None) -> None:
     parser.add_argument("--lookahead", type=int, default=50, help="steps before a failure to read Q at")
     parser.add_argument("--out", help="folder for failures.json and summary.md")
     args = parser.parse_args(argv)
-    if args.episodes < 1 or args.lookahead < 1 or not 0 <= args.gamma < 1:
-        parser.error("--episodes and --lookahead must be at least 1, --gamma in [0, 1)")
+    if args.episodes < 1 or args.lookahead < 1 or not 0 <= args.gamma < 1 or args.reward_scale <= 0 or args.seed < 0:
+        parser.error("--episodes and --lookahead must be at least 1, --gamma in [0, 1), --reward-scale positive "
+                     "and --seed at least 0")
     out = output_folder(parser, args.out) if args.out else None
     rows = {}
     for path in args.models:

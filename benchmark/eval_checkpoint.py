@@ -37,6 +37,9 @@ def main(argv=None) -> None:
     parser.add_argument("--games", type=int, default=10)
     parser.add_argument("--seed", type=int, default=777, help="seeds the games (the same for every epsilon)")
     args = parser.parse_args(argv)
+    if args.games < 1 or not 0 <= args.seed < 2**32 or not all(0.0 <= e <= 1.0 for e in args.epsilons):
+        parser.error(f"give --games of at least 1 (got {args.games}), a --seed from 0 to {2**32 - 1} (got "
+                     f"{args.seed}) and --epsilons in [0, 1] (got {' '.join(f'{e:g}' for e in args.epsilons)})")
     try:
         checkpoint, run_args, preprocess, q_network = load_agent(args.checkpoint, args.games)
     except dqn_atari.ConfigError as error:

@@ -318,6 +318,9 @@ def test_cartpole_failures_names_how_episodes_end_and_reads_q_against_the_truth(
     assert row["q_first_state"] == pytest.approx(0.7) and row["q_5_steps_before_failure"] == pytest.approx(0.7)
     assert row["q_ceiling"] == pytest.approx(args.reward_scale / (1 - args.gamma))
     assert row["return_5_steps_before_failure"] == pytest.approx(args.reward_scale * sum(0.99 ** k for k in range(5)))
-    with pytest.raises(SystemExit) as exit_info:
-        cartpole_failures.main([str(tmp_path / "missing.pt")])
-    assert exit_info.value.code == 2 and "no saved model at" in capsys.readouterr().err
+    for bad, message in [([str(tmp_path / "missing.pt")], "no saved model at"),
+                         ([model, "--seed", "-1"], "--seed at least 0"),
+                         ([model, "--reward-scale", "0"], "--reward-scale positive")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cartpole_failures.main(bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

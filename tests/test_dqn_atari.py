@@ -463,9 +463,13 @@ def test_eval_checkpoint_plays_the_same_games_at_each_epsilon(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "BreakoutNoFrameskip-v4, step 30, 2 games per epsilon" in lines[0]
     assert lines[1] == lines[2] and lines[1].startswith("epsilon 0: mean")  # same games, same greedy play
-    with pytest.raises(SystemExit) as stop:
-        eval_checkpoint.main([str(tmp_path / "missing.pt")])
-    assert stop.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+    for bad, message in [([str(tmp_path / "missing.pt")], "no checkpoint at"),
+                         ([path, "--games", "0"], "give --games of at least 1 (got 0)"),
+                         ([path, "--seed", "-5"], "a --seed from 0 to 4294967295 (got -5)"),
+                         ([path, "--epsilons", "0.05", "2"], "--epsilons in [0, 1] (got 0.05 2)")]:
+        with pytest.raises(SystemExit) as stop:
+            eval_checkpoint.main(bad)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bf16_check_trains_three_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys):
