@@ -360,8 +360,8 @@ def main(argv=None) -> None:
                  for start in range(0, len(cores) - args.cores_per_run + 1, args.cores_per_run)]
     if args.workers is None:
         args.workers = len(core_sets)
-    if args.seeds < 1 or args.workers < 1:
-        parser.error("--seeds and --workers must be at least 1")
+    if args.seeds < 1 or args.workers < 1 or args.first_seed < 0:
+        parser.error("--seeds and --workers must be at least 1, --first-seed at least 0")
     thresholds = solve_thresholds(parser, args.env_ids, args.threshold)
     out = output_folder(parser, args.out)
     for stop_signal in STOP_SIGNALS:

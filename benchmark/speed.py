@@ -166,6 +166,10 @@ def main(argv=None) -> None:
         parser.error(f"no CleanRL environment at {args.cleanrl_python}: run `python benchmark/speed.py --setup-cleanrl`")
     if not args.out:
         parser.error("--out is required")
+    if min(args.repeats, args.steps, args.learning_starts, args.buffer_size) < 1:
+        parser.error("--repeats, --steps, --learning-starts and --buffer-size must be at least 1")
+    if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
+        parser.error(f"--threads must be from 1 to the {len(os.sched_getaffinity(0))} cores here, got {args.threads}")
     out = output_folder(parser, args.out)
     args.cores = set(sorted(os.sched_getaffinity(0))[:args.threads])
 

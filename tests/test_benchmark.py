@@ -242,7 +242,9 @@ def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_pa
                            "is not a CleanRL checkout (no cleanrl/dqn_atari.py)"),
                           ([*reference, "--cleanrl", str(checkout), "--cleanrl-python", str(tmp_path / "none")],
                            "no CleanRL environment at"),
-                          (["--no-sb3", "--out", str(tmp_path)], "--no-sb3 leaves nothing to compare against")):
+                          (["--no-sb3", "--out", str(tmp_path)], "--no-sb3 leaves nothing to compare against"),
+                          ([*reference, "--repeats", "0"], "--repeats, --steps, --learning-starts and --buffer-size"),
+                          ([*reference, "--threads", "0"], "--threads must be from 1 to the")):
         with pytest.raises(SystemExit) as exit_info:
             speed.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -267,10 +269,14 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_the_work(script, ar
         ": error: cannot create --out /dev/null/results (Not a directory); give a folder that can be written")
 
 
-def test_the_runner_refuses_an_unknown_env_id_before_any_run(tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--env-ids", "CartPole-v1", "NoSuchEnv-v0"], ": error: unknown env id 'NoSuchEnv-v0'"),
+    (["--first-seed", "-1"], "--first-seed at least 0"),  # each run would fail on its own, later
+])
+def test_the_runner_refuses_an_unknown_env_id_or_a_negative_seed_before_any_run(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--env-ids", "CartPole-v1", "NoSuchEnv-v0", "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and ": error: unknown env id 'NoSuchEnv-v0'" in capsys.readouterr().err
+        bench.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
