@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 
 import gymnasium as gym
 import numpy as np
@@ -347,6 +348,77 @@ def test_deepmind_rmsprop_takes_the_step_their_code_defines():
     assert weight.detach().numpy() == pytest.approx(w, rel=1e-6)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Plain and overlapped updates on one torch thread each: the same kernels, so the same numbers bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_overlapped_updates_are_plain_updates_on_the_batch_drawn_one_update_step_earlier(one_torch_thread, bf16):
+    """--overlap-updates: the k-th call applies the gradient of the batch given at call k-1, taken at the weights
+    the loop acted with in between, and those weights do not move until the call. A target sync between two calls
+    takes the gradient in flight again with the new target network, as a plain update after the sync would see
+    it. Checked bit for bit against td_update, clipping on, over 6 batches with a sync after the third."""
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (6, 32, 4, 84, 84), dtype=torch.uint8)
+    batches = [(frames[k], torch.randint(0, 6, (32,)), torch.randn(32), frames[k].flip(0),
+                (torch.rand(32) < 0.1).float()) for k in range(6)]
+    start = atari.QNetwork(6).state_dict()
+
+    def networks():
+        online, target = atari.QNetwork(6), atari.QNetwork(6)
+        online.load_state_dict(start)
+        target.load_state_dict(start)
+        target.requires_grad_(False)
+        return online, target, atari.make_optimizer(atari.Args(), online)
+
+    online, target, optimizer = networks()
+    plain_losses, plain_weights = [], []
+    for k, batch in enumerate(batches[:-1]):  # the last batch's gradient is still in flight at the end
+        plain_losses.append(atari.td_update(online, target, optimizer, batch, 0.99, 10.0, bf16)[0])
+        plain_weights.append(parameters_to_vector(online.parameters()).detach().clone())
+        if k == 2:
+            target.load_state_dict(online.state_dict())
+
+    online, target, optimizer = networks()
+    sync = atari.TargetSync(online, target, every=1)
+    learner = atari.OverlappedUpdates(
+        lambda batch, targets: atari.td_gradients(online, optimizer, batch[0], batch[1], targets, 10.0, bf16),
+        lambda batch: atari.td_target(target, *batch[2:], 0.99, bf16), optimizer, learner_threads=1)
+    sync.learner = learner
+    try:
+        assert learner(*batches[0]) is None, "the first call only starts a gradient"
+        for k, batch in enumerate(batches[1:]):
+            applied = learner(*batch)
+            after_step = parameters_to_vector(online.parameters()).detach().clone()
+            learner.in_flight.result()  # the next gradient, computed while the loop would act on these weights
+            assert torch.equal(parameters_to_vector(online.parameters()).detach(), after_step)
+            assert torch.equal(applied[0], plain_losses[k]) and torch.equal(after_step, plain_weights[k]), k
+            if k == 2:
+                sync.step()
+    finally:
+        learner.close()
+    assert len(set(torch.stack(plain_losses).tolist())) == 5  # each call's loss is its own batch's
+
+
+def test_overlapped_updates_pass_on_an_error_in_the_targets_and_still_close():
+    """An exception while the loop's thread computes the targets reaches the loop, and the learner thread,
+    which waits for those targets, is released rather than left blocking the process's exit."""
+    def targets(batch):
+        raise ValueError("no targets")
+
+    learner = atari.OverlappedUpdates(lambda batch, targets: targets(), targets, optimizer=None, learner_threads=1)
+    with pytest.raises(ValueError, match="no targets"):
+        learner(torch.zeros(1))
+    with pytest.raises(ValueError, match="no targets"):
+        learner.in_flight.result(timeout=10)
+    learner.close()
+
+
 # ---- the loop, evaluation and checkpoints ----
 
 
@@ -377,12 +449,13 @@ def test_loop_ends_training_episodes_at_lost_lives(tmp_path):
     assert (~replay.starts_transition[terminal_slots + 1]).all()  # each lost life's final frame is kept
 
 
-@pytest.mark.parametrize("num_envs", [1, 2])
-def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, num_envs):
+@pytest.mark.parametrize("num_envs, overlap_updates", [(1, False), (2, False), (1, True)])
+def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, num_envs, overlap_updates):
     """2N steps in one go, and N steps then N more from a checkpoint with the replay: identical parameters.
     Epsilon is held constant, as the schedule's length depends on --total-timesteps of each run. With two
-    games, the worker process's game is saved and restored as well."""
-    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60, num_envs=num_envs)
+    games, the worker process's game is saved and restored as well; with --overlap-updates, the gradient in
+    flight at the checkpoint (its batch is saved; target syncs every 50 steps fall between update steps)."""
+    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60, num_envs=num_envs, overlap_updates=overlap_updates)
     whole = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
     again = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
     first_half = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True,
@@ -391,6 +464,7 @@ def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, num_envs)
     resumed = atari.train(atari.Args(resume=checkpoint, total_timesteps=240), ["--resume", checkpoint,
                                                                             "--total-timesteps", "240"])
     assert resumed["run_dir"] == first_half["run_dir"] and resumed["global_step"] == 240
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("learner")], "left running"
     for run in (again, resumed):
         for name, parameter in whole["q_network"].state_dict().items():
             assert torch.equal(parameter, run["q_network"].state_dict()[name]), name

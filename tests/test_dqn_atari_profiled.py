@@ -25,14 +25,24 @@ REPLACED = {
     "eval_episodes: int = 10",
     "progress_every: int = 10_000",
     '"replay_on_gpu"}',
-    "loss, q_mean = update(*replay.sample(args.batch_size))",
+    "applied = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
 }
 TINY = ["--total-timesteps", "600", "--learning-starts", "300", "--buffer-size", "2000", "--eval-episodes", "1",
         "--no-cuda", "--runs-dir", "runs"]
 PHASES = ["action selection", "env step", "preprocessing", "replay add", "sampling and transfer",
-          "update: forward", "update: backward", "update: optimizer", "target sync", "logging"]
+          "update: forward", "update: TD targets", "update: backward", "update: optimizer", "target sync", "logging"]
+
+
+def phase_rows(table: str) -> dict:
+    """phase -> (ms per env step, % of wall, calls) from a printed phase table."""
+    rows = {}
+    for line in table.splitlines()[1:]:
+        parts = line.removesuffix(" env steps").rsplit(None, 3)  # the total's calls: the env steps timed
+        if len(parts) == 4 and parts[2].endswith("%"):
+            rows[parts[0]] = (float(parts[1]), float(parts[2].rstrip("%")), parts[3])
+    return rows
 
 
 def test_the_diff_with_dqn_atari_is_only_the_harness():
@@ -48,16 +58,35 @@ def test_phase_table_accounts_for_the_whole_learning_phase_and_cprofile_and_torc
     # the 300 collection steps before learning starts are left out: they have no updates
     table = finished.stdout.split("where the time went, over 300 env steps (learning phase, steps 301 to 600) on "
                                   "cpu:")[1]
-    rows = {line[:28].strip(): line[28:].split() for line in table.splitlines()[2:] if line[:28].strip()}
+    rows = phase_rows(table.split("final eval")[0])
     for phase in PHASES:
         assert phase in rows, phase
-    shares = [float(row[1].rstrip("%")) for name, row in rows.items() if name in PHASES or name == "total"]
-    assert shares[-1] == 100.0 and sum(shares[:-1]) == pytest.approx(100.0, abs=0.5)
-    assert int(rows["env step"][2]) == 300  # one lap a step: a game's reset is part of its step
+    assert rows["total"][1] == 100.0
+    assert sum(share for name, (_, share, _) in rows.items() if name != "total") == pytest.approx(100.0, abs=0.5)
+    assert rows["env step"][2] == "300"  # one lap a step: a game's reset is part of its step
     assert rows["update: backward"][2] == "75"  # one update every 4 steps after step 300
+    assert not any(name.startswith("learner") for name in rows)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "cprofile.prof").stat().st_size > 0 and "Ordered by: internal time" in finished.stdout
     assert (run_dir / "torch_trace.json").stat().st_size > 0
+
+
+def test_overlapped_updates_time_the_loop_and_the_learner_thread_apart(tmp_path):
+    """--overlap-updates: the loop's phases still add up to the wall time; the learner thread's forward and
+    backward passes are charged to it on its own clock, its busy and idle time adding up to the wall as well."""
+    finished = run_script("dqn_atari_profiled.py", *TINY, "--overlap-updates", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    loop, learner = finished.stdout.split("where the time went")[1].split("final eval")[0].split(
+        "the learner thread, beside the loop:")
+    loop_rows, learner_rows = phase_rows(loop), phase_rows("\n" + learner)
+    assert {"update: TD targets", "update: waiting for the learner", "update: optimizer"} <= set(loop_rows)
+    assert not {"update: forward", "update: backward"} & set(loop_rows), "the learner's work, not the loop's"
+    assert sum(share for name, (_, share, _) in loop_rows.items() if name != "total") == pytest.approx(100, abs=0.5)
+    assert {"learner: update: forward", "learner: update: backward", "learner: idle"} <= set(learner_rows)
+    assert sum(share for _, share, _ in learner_rows.values()) == pytest.approx(100, abs=0.5)
+    # 75 update steps: the first only starts a gradient, which the second applies, and so on
+    assert loop_rows["update: optimizer"][2] == "74"
+    assert learner_rows["learner: update: backward"][2] in ("74", "75")  # the last may end after the table
 
 
 def test_a_run_without_updates_is_timed_whole(tmp_path):
