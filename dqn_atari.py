@@ -85,7 +85,7 @@ class Args:
     overlap_updates: bool = False
     """on the CPU, compute each update's gradient in a learner thread while the next train_frequency steps are
     played, and apply it at the next update step: a batch is then drawn train_frequency steps before its update
-    is applied (see OverlappedUpdates). The loop keeps one torch thread, the learner the others. No effect on CUDA"""
+    is applied (see OverlappedUpdates). The two threads get half the torch threads each. No effect on CUDA"""
     num_envs: int = 1
     """training games stepped at once, each past the first in a worker process of its own. Every game's
     step counts as one env step, so train_frequency, learning_starts, target_network_frequency and
@@ -828,12 +828,10 @@ class OverlappedUpdates:
     idle, while an update spread over two cores runs only 1.6x as fast as on one (11.7 against 18.8 ms in bf16 on
     this project's 2-core machine). Overlapped, one core plays while the other computes the gradient."""
 
-    def __init__(self, gradients, targets, optimizer, learner_threads: int):
+    def __init__(self, gradients, targets, optimizer):
         """gradients(batch, targets): td_gradients, run in the learner thread; targets(batch): td_target."""
         self.gradients, self.targets, self.optimizer = gradients, targets, optimizer
-        # torch's thread count is per thread: the learner's is set in its thread, the loop keeps its own
-        self.learner = ThreadPoolExecutor(1, thread_name_prefix="learner", initializer=torch.set_num_threads,
-                                          initargs=(learner_threads,))
+        self.learner = ThreadPoolExecutor(1, thread_name_prefix="learner")
         self.in_flight = None  # the gradient being computed: a Future of (loss, mean Q)
         self.batch = None  # its batch, kept for a checkpoint and for a target sync
 
@@ -1056,13 +1054,13 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     use_graphs = args.cuda_graphs and device.type == "cuda"
     optimizer = make_optimizer(args, q_network, capturable=use_graphs)
     learner = None
-    if args.overlap_updates and device.type == "cpu":  # the loop keeps one torch thread, the learner the rest
+    if args.overlap_updates and device.type == "cpu":
+        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         learner = OverlappedUpdates(
             lambda batch, targets: td_gradients(q_network, optimizer, batch[0], batch[1], targets,
                                                 args.max_grad_norm, args.bf16),
-            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16),
-            optimizer, learner_threads=max(1, torch.get_num_threads() - 1))
-        torch.set_num_threads(1)  # this thread's count; the learner thread has set its own
+            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16), optimizer)
         update = learner
     else:
         update = CudaGraphed(lambda *batch: td_update(q_network, target_network, optimizer, batch, args.gamma,

@@ -350,7 +350,7 @@ def test_deepmind_rmsprop_takes_the_step_their_code_defines():
 
 @pytest.fixture
 def one_torch_thread():
-    """Plain and overlapped updates on one torch thread each: the same kernels, so the same numbers bit for bit."""
+    """Plain and overlapped updates on one torch thread: the same kernels, so the same numbers bit for bit."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -388,7 +388,7 @@ def test_overlapped_updates_are_plain_updates_on_the_batch_drawn_one_update_step
     sync = atari.TargetSync(online, target, every=1)
     learner = atari.OverlappedUpdates(
         lambda batch, targets: atari.td_gradients(online, optimizer, batch[0], batch[1], targets, 10.0, bf16),
-        lambda batch: atari.td_target(target, *batch[2:], 0.99, bf16), optimizer, learner_threads=1)
+        lambda batch: atari.td_target(target, *batch[2:], 0.99, bf16), optimizer)
     sync.learner = learner
     try:
         assert learner(*batches[0]) is None, "the first call only starts a gradient"
@@ -411,7 +411,7 @@ def test_overlapped_updates_pass_on_an_error_in_the_targets_and_still_close():
     def targets(batch):
         raise ValueError("no targets")
 
-    learner = atari.OverlappedUpdates(lambda batch, targets: targets(), targets, optimizer=None, learner_threads=1)
+    learner = atari.OverlappedUpdates(lambda batch, targets: targets(), targets, optimizer=None)
     with pytest.raises(ValueError, match="no targets"):
         learner(torch.zeros(1))
     with pytest.raises(ValueError, match="no targets"):
@@ -456,7 +456,9 @@ def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, num_envs,
     games, the worker process's game is saved and restored as well; with --overlap-updates, the gradient in
     flight at the checkpoint (its batch is saved; target syncs every 50 steps fall between update steps)."""
     settings = dict(start_e=0.5, end_e=0.5, learning_starts=60, num_envs=num_envs, overlap_updates=overlap_updates)
+    threads_before = torch.get_num_threads()
     whole = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
+    assert torch.get_num_threads() == threads_before, "the run's thread count is restored"
     again = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
     first_half = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True,
                                         **settings))
