@@ -1139,8 +1139,9 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             "action_rng": action_rng.bit_generator.state, "python_rng": random.getstate(),
             "numpy_rng": numpy_global_state(), "torch_rng": torch.get_rng_state(),
             "replay": replay.state() if args.checkpoint_replay else None,
-            # --overlap-updates: the batch of the gradient in flight, taken again on resuming
-            "learner_batch": learner.batch if learner is not None else None,
+            # --overlap-updates: the batch of the gradient in flight, taken again on resuming with the replay (a
+            # resume without it refills the replay and starts afresh)
+            "learner_batch": learner.batch if learner is not None and args.checkpoint_replay else None,
         }, checkpoint_path)
 
     # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
