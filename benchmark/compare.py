@@ -3,6 +3,9 @@ error band in one PNG, and a table of final evals.
 
     python benchmark/compare.py --env-id CartPole-v1 --out benchmark/results/cartpole-vs-sb3 \
         dqn.py=benchmark/results/cartpole sb3=benchmark/results/cartpole-sb3
+
+--until-step N compares runs of different lengths at one step: evals after N are dropped, and the table's
+final eval is each seed's last one at or before N (its step shown).
 """
 
 import argparse
@@ -11,21 +14,24 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from run import REPO, RunResult, command_line, file_stem, mean_and_se, output_folder, plot_groups
+from run import REPO, RunResult, command_line, file_stem, mean_and_se, output_folder, plot_groups, steps_range
 
 
-def load_results(folder: Path, env_id: str, seeds=None) -> list:
-    """The per-seed curves a run.py folder holds for env_id (only `seeds`, where given), as RunResults."""
+def load_results(folder: Path, env_id: str, seeds=None, until_step=None) -> list:
+    """The per-seed curves a run.py folder holds for env_id (only `seeds`, and only evals at or before
+    `until_step`, where given), as RunResults."""
     path = folder / f"{file_stem(env_id)}.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a benchmark/run.py result for {env_id}")
     curves = defaultdict(list)
     with open(path) as f:
         for row in csv.DictReader(f):
-            if seeds is None or int(row["seed"]) in seeds:
+            if (seeds is None or int(row["seed"]) in seeds) and (until_step is None or int(row["step"]) <= until_step):
                 curves[int(row["seed"])].append(row)
     if not curves:
         which = "no runs" if seeds is None else f"none of seeds {min(seeds)}..{max(seeds)}"
+        if until_step is not None:
+            which += f" with an eval at or before step {until_step}"
         raise ValueError(f"{path} holds {which}: nothing to compare")
     return [RunResult(env_id, seed, float(rows[-1]["wall_seconds"]), rows) for seed, rows in sorted(curves.items())]
 
@@ -39,10 +45,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="compare only seeds first-seed..first-seed+N-1 of each folder (default: all)")
     parser.add_argument("--first-seed", type=int, default=1)
+    parser.add_argument("--until-step", type=int, default=None,
+                        help="drop evals after this env step, so runs of different lengths end at the same step")
     parser.add_argument("programs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run.py results folder")
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.until_step is not None and args.until_step < 1:
+        parser.error("--until-step must be at least 1")
     seeds = None if args.seeds is None else range(args.first_seed, args.first_seed + args.seeds)
     groups = []
     for item in args.programs:
@@ -50,16 +60,17 @@ def main(argv=None) -> None:
         if not folder:
             parser.error(f"{item!r}: give LABEL=FOLDER")
         try:
-            groups.append((label, load_results(Path(folder), args.env_id, seeds)))
+            groups.append((label, load_results(Path(folder), args.env_id, seeds, args.until_step)))
         except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
     out = output_folder(parser, args.out)
     plot_groups(out / f"{file_stem(args.env_id)}.png", args.env_id, groups, args.threshold)
-    lines = ["| program | seeds | final eval mean ± SE | per-seed finals |", "|---|---|---|---|"]
+    lines = ["| program | seeds | steps | final eval mean ± SE | per-seed finals |", "|---|---|---|---|---|"]
     for label, results in groups:
         mean, se = mean_and_se([r.final for r in results])
         finals = ", ".join(f"{r.final:.1f}" for r in results)
-        lines.append(f"| {label} | {len(results)} | {mean:.2f} ± {se:.2f} | {finals} |")
+        lines.append(f"| {label} | {len(results)} | {steps_range([r.steps for r in results])} | {mean:.2f} ± {se:.2f} "
+                     f"| {finals} |")
     table = "\n".join(lines)
     print(table)
     command = command_line(__file__, argv)

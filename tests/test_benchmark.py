@@ -210,13 +210,22 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path, capsys):
     out = tmp_path / "both"
     compare.main(["--out", str(out), f"ours={tmp_path / 'a'}", f"theirs={tmp_path / 'b'}"])
     summary = (out / "summary.md").read_text()
-    assert "| ours | 2 | 490.00 ± 10.00 | 480.0, 500.0 |" in summary
-    assert "| theirs | 2 | 200.00 ± 100.00 | 100.0, 300.0 |" in summary
+    assert "| ours | 2 | 2000 | 490.00 ± 10.00 | 480.0, 500.0 |" in summary
+    assert "| theirs | 2 | 2000 | 200.00 ± 100.00 | 100.0, 300.0 |" in summary
     assert (out / "CartPole-v1.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), f"missing={tmp_path / 'nothing'}"])
     compare.main(["--out", str(out), "--seeds", "1", "--first-seed", "2", f"ours={tmp_path / 'a'}"])
-    assert "| ours | 1 | 500.00 ± nan | 500.0 |" in (out / "summary.md").read_text()
+    assert "| ours | 1 | 2000 | 500.00 ± nan | 500.0 |" in (out / "summary.md").read_text()
+    # runs of different lengths, cut at one step: each seed's last eval at or before it counts
+    compare.main(["--out", str(out), "--until-step", "1999", f"ours={tmp_path / 'a'}", f"theirs={tmp_path / 'b'}"])
+    summary = (out / "summary.md").read_text()
+    assert "| ours | 2 | 1000 | 25.00 ± 5.00 | 20.0, 30.0 |" in summary
+    assert "| theirs | 2 | 1000 | 25.00 ± 15.00 | 10.0, 40.0 |" in summary
+    for until, message in (("999", "with an eval at or before step 999"), ("0", "--until-step must be at least 1")):
+        with pytest.raises(SystemExit):
+            compare.main(["--out", str(out), "--until-step", until, f"ours={tmp_path / 'a'}"])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), "--first-seed", "3", "--seeds", "1", f"ours={tmp_path / 'a'}"])
     with pytest.raises(SystemExit):
