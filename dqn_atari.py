@@ -1142,6 +1142,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             # --overlap-updates: the batch of the gradient in flight, taken again on resuming with the replay (a
             # resume without it refills the replay and starts afresh)
             "learner_batch": learner.batch if learner is not None and args.checkpoint_replay else None,
+            "recent_returns": list(recent_returns),
         }, checkpoint_path)
 
     # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
@@ -1150,7 +1151,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     game_returns = []
-    recent_returns = deque(maxlen=100)
+    # the progress line's last 100 training games go on across a resume (a checkpoint older than this: empty)
+    recent_returns = deque(checkpoint.get("recent_returns", []) if checkpoint is not None else [], maxlen=100)
     last_eval = float("nan")
     if checkpoint is None:
         obs = frame_stack.reset(preprocess(games.reset()))

@@ -32,6 +32,17 @@ def small_args(tmp_path, **overrides) -> atari.Args:
     return atari.Args(**settings)
 
 
+def progress_lines(output: str) -> dict:
+    """A run's progress lines by step, less the fields that depend on timing (SPS, ETA)."""
+    lines = {}
+    for line in output.splitlines():
+        if line.startswith("step "):
+            step, *fields = [field.strip() for field in line.split("|")]
+            steps_done = int(step.split()[1].split("/")[0])
+            lines[steps_done] = [field for field in fields if not field.startswith(("SPS", "ETA"))]
+    return lines
+
+
 # ---- the game and its wrappers ----
 
 
@@ -450,22 +461,29 @@ def test_loop_ends_training_episodes_at_lost_lives(tmp_path):
 
 
 @pytest.mark.parametrize("num_envs, overlap_updates", [(1, False), (2, False), (1, True)])
-def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, num_envs, overlap_updates):
+def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, capsys, num_envs, overlap_updates):
     """2N steps in one go, and N steps then N more from a checkpoint with the replay: identical parameters.
     Epsilon is held constant, as the schedule's length depends on --total-timesteps of each run. With two
     games, the worker process's game is saved and restored as well; with --overlap-updates, the gradient in
-    flight at the checkpoint (its batch is saved; target syncs every 50 steps fall between update steps)."""
-    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60, num_envs=num_envs, overlap_updates=overlap_updates)
+    flight at the checkpoint (its batch is saved; target syncs every 50 steps fall between update steps).
+    The progress line at step 2N is the same too: its window of recent games comes back with the checkpoint."""
+    settings = dict(start_e=0.5, end_e=0.5, learning_starts=60, num_envs=num_envs, overlap_updates=overlap_updates,
+                    progress_every=120)
     threads_before = torch.get_num_threads()
     whole = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
+    whole_progress = progress_lines(capsys.readouterr().out)
     assert torch.get_num_threads() == threads_before, "the run's thread count is restored"
     again = atari.train(small_args(tmp_path, total_timesteps=240, **settings))
     first_half = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True,
                                         **settings))
     checkpoint = os.path.join(first_half["run_dir"], "checkpoint.pt")
+    # one game ends in the first 120 steps (two games play 60 steps each and end none): the window has one to keep
+    assert first_half["game_returns"] or num_envs > 1
+    capsys.readouterr()
     resumed = atari.train(atari.Args(resume=checkpoint, total_timesteps=240), ["--resume", checkpoint,
                                                                             "--total-timesteps", "240"])
     assert resumed["run_dir"] == first_half["run_dir"] and resumed["global_step"] == 240
+    assert progress_lines(capsys.readouterr().out)[240] == whole_progress[240]
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("learner")], "left running"
     for run in (again, resumed):
         for name, parameter in whole["q_network"].state_dict().items():
