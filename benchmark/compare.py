@@ -5,7 +5,8 @@ error band in one PNG, and a table of final evals.
         dqn.py=benchmark/results/cartpole sb3=benchmark/results/cartpole-sb3
 
 --until-step N compares runs of different lengths at one step: evals after N are dropped, and the table's
-final eval is each seed's last one at or before N (its step shown).
+final eval is each seed's last one at or before N (its step shown). --window-from M adds each seed's mean over its
+evals from step M on: one eval is a few games, and a window of them says more than the last one alone.
 """
 
 import argparse
@@ -47,12 +48,16 @@ def main(argv=None) -> None:
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--until-step", type=int, default=None,
                         help="drop evals after this env step, so runs of different lengths end at the same step")
+    parser.add_argument("--window-from", type=int, default=None,
+                        help="also give each seed's mean eval over its evals from this env step on")
     parser.add_argument("programs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run.py results folder")
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error("--seeds must be at least 1")
     if args.until_step is not None and args.until_step < 1:
         parser.error("--until-step must be at least 1")
+    if args.window_from is not None and args.until_step is not None and args.window_from > args.until_step:
+        parser.error("--window-from must not be past --until-step")
     seeds = None if args.seeds is None else range(args.first_seed, args.first_seed + args.seeds)
     groups = []
     for item in args.programs:
@@ -65,12 +70,23 @@ def main(argv=None) -> None:
             parser.error(str(error))
     out = output_folder(parser, args.out)
     plot_groups(out / f"{file_stem(args.env_id)}.png", args.env_id, groups, args.threshold)
-    lines = ["| program | seeds | steps | final eval mean ± SE | per-seed finals |", "|---|---|---|---|---|"]
+    header = "| program | seeds | steps | final eval mean ± SE | per-seed finals |"
+    if args.window_from is not None:
+        header += f" mean eval from {args.window_from} on ± SE | per-seed means |"
+    lines = [header, "|---" * header.count(" |") + "|"]
     for label, results in groups:
-        mean, se = mean_and_se([r.final for r in results])
-        finals = ", ".join(f"{r.final:.1f}" for r in results)
-        lines.append(f"| {label} | {len(results)} | {steps_range([r.steps for r in results])} | {mean:.2f} ± {se:.2f} "
-                     f"| {finals} |")
+        columns = [label, str(len(results)), steps_range([r.steps for r in results])]
+        values = [[r.final for r in results]]
+        if args.window_from is not None:
+            windows = [[float(row["eval_mean"]) for row in r.curve if int(row["step"]) >= args.window_from]
+                       for r in results]
+            if not all(windows):
+                parser.error(f"{label}: a seed has no eval from step {args.window_from} on")
+            values.append([sum(window) / len(window) for window in windows])
+        for per_seed in values:
+            mean, se = mean_and_se(per_seed)
+            columns += [f"{mean:.2f} ± {se:.2f}", ", ".join(f"{value:.1f}" for value in per_seed)]
+        lines.append("| " + " | ".join(columns) + " |")
     table = "\n".join(lines)
     print(table)
     command = command_line(__file__, argv)

@@ -222,9 +222,19 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "| ours | 2 | 1000 | 25.00 ± 5.00 | 20.0, 30.0 |" in summary
     assert "| theirs | 2 | 1000 | 25.00 ± 15.00 | 10.0, 40.0 |" in summary
-    for until, message in (("999", "with an eval at or before step 999"), ("0", "--until-step must be at least 1")):
+    # a window's mean: each seed's evals from the step on, then their mean and SE over seeds
+    compare.main(["--out", str(out), "--window-from", "1000", f"ours={tmp_path / 'a'}", f"theirs={tmp_path / 'b'}"])
+    summary = (out / "summary.md").read_text()
+    assert "| ours | 2 | 2000 | 490.00 ± 10.00 | 480.0, 500.0 | 257.50 ± 7.50 | 250.0, 265.0 |" in summary
+    assert "| theirs | 2 | 2000 | 200.00 ± 100.00 | 100.0, 300.0 | 112.50 ± 57.50 | 55.0, 170.0 |" in summary
+    compare.main(["--out", str(out), "--window-from", "1000", "--until-step", "1999", f"ours={tmp_path / 'a'}"])
+    assert "| ours | 2 | 1000 | 25.00 ± 5.00 | 20.0, 30.0 | 25.00 ± 5.00 | 20.0, 30.0 |" in (out / "summary.md").read_text()
+    for options, message in ((["--until-step", "999"], "with an eval at or before step 999"),
+                             (["--until-step", "0"], "--until-step must be at least 1"),
+                             (["--window-from", "2001", "--until-step", "2000"], "must not be past --until-step"),
+                             (["--window-from", "2001"], "ours: a seed has no eval from step 2001 on")):
         with pytest.raises(SystemExit):
-            compare.main(["--out", str(out), "--until-step", until, f"ours={tmp_path / 'a'}"])
+            compare.main(["--out", str(out), *options, f"ours={tmp_path / 'a'}"])
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), "--first-seed", "3", "--seeds", "1", f"ours={tmp_path / 'a'}"])
