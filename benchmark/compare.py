@@ -68,21 +68,25 @@ def main(argv=None) -> None:
             groups.append((label, load_results(Path(folder), args.env_id, seeds, args.until_step)))
         except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
+    # each group's per-seed columns: the finals, then the window's means; refused before anything is written
+    per_seed_columns = [[[r.final for r in results]] for _, results in groups]
+    if args.window_from is not None:
+        for (label, results), columns in zip(groups, per_seed_columns):
+            windows = {r.seed: [float(row["eval_mean"]) for row in r.curve if int(row["step"]) >= args.window_from]
+                       for r in results}
+            empty = [seed for seed, window in windows.items() if not window]
+            if empty:
+                parser.error(f"{label}: a seed has no eval from step {args.window_from} on (seed {empty[0]}); "
+                             "give a smaller --window-from")
+            columns.append([sum(window) / len(window) for window in windows.values()])
     out = output_folder(parser, args.out)
     plot_groups(out / f"{file_stem(args.env_id)}.png", args.env_id, groups, args.threshold)
     header = "| program | seeds | steps | final eval mean ± SE | per-seed finals |"
     if args.window_from is not None:
         header += f" mean eval from {args.window_from} on ± SE | per-seed means |"
     lines = [header, "|---" * header.count(" |") + "|"]
-    for label, results in groups:
+    for (label, results), values in zip(groups, per_seed_columns):
         columns = [label, str(len(results)), steps_range([r.steps for r in results])]
-        values = [[r.final for r in results]]
-        if args.window_from is not None:
-            windows = [[float(row["eval_mean"]) for row in r.curve if int(row["step"]) >= args.window_from]
-                       for r in results]
-            if not all(windows):
-                parser.error(f"{label}: a seed has no eval from step {args.window_from} on")
-            values.append([sum(window) / len(window) for window in windows])
         for per_seed in values:
             mean, se = mean_and_se(per_seed)
             columns += [f"{mean:.2f} ± {se:.2f}", ", ".join(f"{value:.1f}" for value in per_seed)]

@@ -232,10 +232,13 @@ def test_compare_puts_two_programs_in_one_plot_and_table(tmp_path, capsys):
     for options, message in ((["--until-step", "999"], "with an eval at or before step 999"),
                              (["--until-step", "0"], "--until-step must be at least 1"),
                              (["--window-from", "2001", "--until-step", "2000"], "must not be past --until-step"),
-                             (["--window-from", "2001"], "ours: a seed has no eval from step 2001 on")):
+                             (["--window-from", "2001"], "ours: a seed has no eval from step 2001 on (seed 1); "
+                                                         "give a smaller --window-from")):
+        plot_before = (out / "CartPole-v1.png").read_bytes()
         with pytest.raises(SystemExit):
             compare.main(["--out", str(out), *options, f"ours={tmp_path / 'a'}"])
         assert message in capsys.readouterr().err
+        assert (out / "CartPole-v1.png").read_bytes() == plot_before  # refused before the plot is redrawn
     with pytest.raises(SystemExit):
         compare.main(["--out", str(out), "--first-seed", "3", "--seeds", "1", f"ours={tmp_path / 'a'}"])
     with pytest.raises(SystemExit):
