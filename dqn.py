@@ -475,7 +475,7 @@ def train(args: Args) -> dict:
     writer.close()
     env.close()
     return {"final_returns": final_returns, "episode_returns": episode_returns, "run_dir": run_dir,
-            "replay": replay, "steps": global_step}
+            "replay": replay, "steps": global_step, "q_network": q_network}
 
 
 def evaluate_saved(args: Args) -> np.ndarray:
