@@ -5,6 +5,7 @@ then the training loop in `train()`. `python dqn.py` trains CartPole-v1; see REA
 """
 
 import csv
+import math
 import os
 import random
 import sys
@@ -93,6 +94,10 @@ LOG_EVERY = 100  # env steps between loss logs, as CleanRL
 
 class ConfigError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+
+
+class TrainingDiverged(Exception):
+    """The loss stopped being finite: the run stops, one line, and saves no model of NaNs."""
 
 
 def check_args(args: Args) -> None:
@@ -443,8 +448,16 @@ def train(args: Args) -> dict:
             # about every 100 env steps, whatever the train frequency: logging each phase of a small
             # train frequency costs more than the updates of a small network
             if global_step % LOG_EVERY < args.train_frequency:
-                writer.add_scalar("losses/td_loss", loss.item(), global_step)
-                writer.add_scalar("losses/q_values", q_mean.item(), global_step)
+                loss, q_mean = loss.item(), q_mean.item()
+                if not (math.isfinite(loss) and math.isfinite(q_mean)):
+                    eval_file.close()
+                    writer.close()
+                    env.close()
+                    raise TrainingDiverged(f"training diverged: at step {global_step:,} the TD loss is {loss} and "
+                                           f"the mean Q-value {q_mean}; no model was saved; try a smaller "
+                                           "--learning-rate")
+                writer.add_scalar("losses/td_loss", loss, global_step)
+                writer.add_scalar("losses/q_values", q_mean, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
         target_sync.step()
@@ -495,7 +508,7 @@ def main() -> None:
     args = tyro.cli(Args)
     try:
         evaluate_saved(args) if args.eval_model else train(args)
-    except ConfigError as error:
+    except (ConfigError, TrainingDiverged) as error:
         sys.exit(f"dqn.py: error: {error}")
 
 

@@ -8,8 +8,8 @@ evaluation, checkpoints), then the training loop in `train()`.
 
 import csv
 import ctypes
+import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -132,6 +132,10 @@ class ConfigError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
 
 
+class TrainingDiverged(Exception):
+    """The loss or the weights stopped being finite: the run stops, one line, before any checkpoint of NaNs."""
+
+
 def check_args(args: Args) -> None:
     # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
@@ -156,6 +160,9 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
     if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
         raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
+    if args.learning_starts < args.num_envs:  # the first pass stores each ring's newest slot only, none valid yet
+        raise ConfigError(f"--learning-starts must be at least --num-envs ({args.num_envs}), got "
+                          f"{args.learning_starts}")
     if args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
                           f"(--buffer-size {args.buffer_size})")
@@ -255,7 +262,9 @@ class AtariGame:
         lives = self.ale.lives()
         # a life lost on the step that hits the frame cap still ends the training episode (terminated and
         # truncated both): the bootstrap must not reach across a lost life
-        life_lost = lives < self.lives and not game_over
+        # as SB3's EpisodicLifeEnv: a counter reaching 0 is the game's end, which some games report a few frames
+        # later; ending the episode there too would end it twice
+        life_lost = 0 < lives < self.lives and not game_over
         self.lives = lives
         if life_lost and not self.end_on_life_loss and self.fire_action is not None and not truncated:
             game_over, truncated = self._serve()  # evaluation plays on through lost lives: serve as reset() does
@@ -264,17 +273,32 @@ class AtariGame:
         return self.raw, reward, terminated, truncated, self.game_over
 
     def state(self) -> dict:
-        """Everything needed to continue this game exactly (emulator with its RNG, wrapper fields)."""
-        return {"ale": pickle.dumps(self.ale.cloneState(include_rng=True)), "raw": torch.from_numpy(self.raw.copy()),
+        """Everything needed to continue this game exactly (emulator with its RNG, wrapper fields). The emulator
+        is kept in ale-py's own byte format, as a uint8 tensor: loading it never unpickles anything."""
+        emulator = self.ale.cloneState(include_rng=True).serialize()
+        return {"ale": torch.frombuffer(bytearray(emulator), dtype=torch.uint8), "raw": torch.from_numpy(self.raw.copy()),
                 "rng": self.rng.bit_generator.state, "game_over": self.game_over, "lives": self.lives,
                 "game_return": self.game_return, "game_length": self.game_length}
 
     def load_state(self, state: dict) -> None:
-        self.ale.restoreState(pickle.loads(state["ale"]))
+        try:
+            self.ale.restoreState(emulator_state(state["ale"]))
+        except SystemError:  # ale-py's answer to bytes it parsed but cannot restore
+            raise ConfigError("the emulator state is not one ale-py can read") from None
         self.raw[:] = state["raw"].numpy()
         self.rng.bit_generator.state = state["rng"]
         self.game_over, self.lives = state["game_over"], state["lives"]
         self.game_return, self.game_length = state["game_return"], state["game_length"]
+
+
+def emulator_state(saved) -> ale_py.ALEState:
+    """An emulator state rebuilt from the bytes AtariGame.state() keeps; anything else is refused."""
+    if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1):
+        raise ConfigError(f"the emulator state is a {type(saved).__name__}, not the uint8 tensor dqn_atari.py writes")
+    try:
+        return ale_py.ALEState(saved.numpy().tobytes())
+    except Exception:  # ale-py raises SystemError for bytes that are not one of its states
+        raise ConfigError("the emulator state is not one ale-py can read") from None
 
 
 class Outcome(NamedTuple):
@@ -318,12 +342,22 @@ def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -
             elif command == "state":
                 connection.send(game.state())
             elif command == "load_state":
-                game.load_state(argument)
-                connection.send(None)
+                try:
+                    game.load_state(argument)
+                    connection.send(None)
+                except ConfigError as error:  # the trainer reports it, in one line
+                    connection.send(error)
             else:  # "close"
                 return
     except EOFError:  # the trainer is gone
         return
+
+
+class GameWorkerFailed(RuntimeError):
+    """A training game's worker process died or stopped answering: reported in one line."""
+
+
+WORKER_ANSWER_TIMEOUT_S = 60.0  # a step takes milliseconds, and a worker's start (imports, the ROM) seconds
 
 
 class Games:
@@ -352,17 +386,35 @@ class Games:
     def _ask_all(self, command: str, arguments: list, local_call) -> list:
         """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
         for k, (connection, argument) in enumerate(zip(self.connections, arguments[1:]), start=1):
-            self._talk(k, connection.send, (command, argument))
+            self._call_worker(k, connection.send, (command, argument))
         answers = [local_call(arguments[0])]
-        answers += [self._talk(k, connection.recv) for k, connection in enumerate(self.connections, start=1)]
+        answers += [self._call_worker(k, self._answer_of, connection)
+                    for k, connection in enumerate(self.connections, start=1)]
         return answers
 
-    @staticmethod
-    def _talk(k: int, call, *message):
+    def _answer_of(self, connection):
+        if not connection.poll(WORKER_ANSWER_TIMEOUT_S):
+            raise TimeoutError
+        return connection.recv()
+
+    def _call_worker(self, k: int, call, *message):
+        """A worker gone or silent stops the run with its game named (no checkpoint is written after it)."""
         try:
             return call(*message)
+        except TimeoutError:  # first: it is an OSError too
+            self.kill()
+            raise GameWorkerFailed(f"the worker process of training game {k} has not answered for "
+                                   f"{WORKER_ANSWER_TIMEOUT_S:g} s; stopped it and the run") from None
         except (EOFError, OSError):  # end of file, broken pipe, reset: the worker process is gone
-            raise RuntimeError(f"the worker process of training game {k} exited (its error, if any, is above)") from None
+            self.kill()
+            raise GameWorkerFailed(f"the worker process of training game {k} exited (its error, if any, is "
+                                   "above)") from None
+
+    def kill(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+            worker.join()
+        self.connections, self.workers = [], []
 
     def reset(self) -> np.ndarray:
         """Starts every game's first episode; returns `first`."""
@@ -380,7 +432,9 @@ class Games:
         return self._ask_all("state", [None] * self.n, lambda _: self.local.state())
 
     def load_states(self, states: list) -> None:
-        self._ask_all("load_state", states, self.local.load_state)
+        for answer in self._ask_all("load_state", states, self.local.load_state):
+            if isinstance(answer, ConfigError):
+                raise answer
 
     @property
     def n(self) -> int:
@@ -532,6 +586,15 @@ class FrameReplay:
             self._write(next_frame, False, stream)
             self.episode_steps[stream] = 0
         return i
+
+    def start_mid_episode(self, stack: torch.Tensor, stream: int = 0) -> None:
+        """An empty ring whose game is mid-episode (a resume without the replay): the older frames of the agent's
+        current stack are stored first, as slots no transition starts at, so the next stacks rebuilt are the
+        ones the agent saw rather than one frame repeated."""
+        for older in range(STACK - 1):
+            self.episode_steps[stream] = older
+            self._write(stack[older], False, stream)
+        self.episode_steps[stream] = STACK - 1
 
     def shift(self, idx: np.ndarray, by) -> np.ndarray:
         """The slots `by` places after idx (before, if negative), each within its own ring."""
@@ -696,6 +759,16 @@ def make_optimizer(args: Args, q_network: nn.Module, capturable: bool = False) -
         return DeepMindRMSprop(q_network.parameters(), lr=args.learning_rate, grad_scale=args.batch_size)
     # CleanRL's Adam, fused on CPU too: one kernel for all parameters
     return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restores a saved optimizer state but keeps this run's `capturable`: the saved groups carry the saving run's
+    (False from a CPU run), and a CUDA graph cannot record a step that is not capturable."""
+    capturable = [group.get("capturable") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, wanted in zip(optimizer.param_groups, capturable):
+        if wanted is not None:
+            group["capturable"] = wanted
 
 
 def keep_freed_memory() -> bool:
@@ -921,7 +994,9 @@ def write_gif(path: str, frames: list) -> None:
 # ---- Checkpoints -------------------------------------------------------------------------------------------
 
 
-CHECKPOINT_FORMAT = "dqn_atari checkpoint 1"
+CHECKPOINT_FORMAT = "dqn_atari checkpoint 2"
+# format 1 kept the emulator as a pickle, which can run code when loaded: refused, and named the commit reading it
+PICKLED_EMULATOR_FORMAT, LAST_COMMIT_READING_IT = "dqn_atari checkpoint 1", "bcf01fb"
 
 
 def save_atomically(payload: dict, path: str) -> None:
@@ -932,12 +1007,22 @@ def save_atomically(payload: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
+    """weights_only: torch.load rebuilds tensors and plain containers, and refuses any other object, so no code in
+    the file can run; the emulator states are checked here too, before any game or network is made."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint.get("format") == PICKLED_EMULATOR_FORMAT:
+            raise ConfigError("an older checkpoint whose emulator state is a pickle, which can run code when "
+                              f"loaded; continue it with dqn_atari.py of commit {LAST_COMMIT_READING_IT}, if you trust "
+                              "the file")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a checkpoint")
+        for game in checkpoint["games"]:
+            emulator_state(game["ale"])
     except FileNotFoundError:
         raise ConfigError(f"no checkpoint at {path}") from None
+    except ConfigError as error:  # an older format, or an emulator state that is not ale-py's bytes
+        raise ConfigError(f"{path}: {error}") from None
     except Exception as error:  # unpickling, truncation, another file's contents: all mean "not ours"
         raise ConfigError(f"{path} is not a readable dqn_atari.py checkpoint ({type(error).__name__}); give a "
                           "checkpoint.pt that dqn_atari.py wrote") from None
@@ -1082,10 +1167,10 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         try:
             q_network.load_state_dict(checkpoint["q_network"])
             target_network.load_state_dict(checkpoint["target_network"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            load_optimizer_state(optimizer, checkpoint["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise ConfigError(f"{args.resume} does not fit this network or optimizer ({str(error).splitlines()[0]})")
-        games.load_states(checkpoint["games"] if "games" in checkpoint else [checkpoint["game"]])  # older: one
+        games.load_states(checkpoint["games"])
         frame_stack.frames = checkpoint["frame_stack"].to(device).view(args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE)
         action_rng.bit_generator.state = checkpoint["action_rng"]
         random.setstate(checkpoint["python_rng"])
@@ -1100,6 +1185,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             if learner is not None and checkpoint.get("learner_batch") is not None:
                 learner.start(checkpoint["learner_batch"])  # from the restored networks: the same gradient
         else:  # no replay saved: refill before learning again, rather than overfit a near-empty buffer
+            for k in range(args.num_envs):
+                replay.start_mid_episode(frame_stack.frames[k], stream=k)
             updates_begin_at = max(checkpoint["updates_begin_at"], checkpoint["global_step"] + args.learning_starts)
             print(f"the checkpoint has no replay: collecting {args.learning_starts:,} steps before updates "
                   "resume", flush=True)
@@ -1160,6 +1247,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         obs = frame_stack.frames
     start_time = time.time()
     final_returns = None
+    diverged = ""  # what went non-finite, and when
+    last_checkpoint_step = start_step - 1 if checkpoint is not None else None
     global_step = start_step - 1  # steps done; a resumed run may have nothing left to do
     while global_step < args.total_timesteps:
         # this pass steps every game once: env steps global_step + 1 .. global_step + num_envs
@@ -1188,11 +1277,17 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                 applied = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call
                 if step % LOG_EVERY < args.train_frequency:
                     if applied is not None:
-                        writer.add_scalar("losses/td_loss", applied[0].item(), step)
-                        writer.add_scalar("losses/q_values", applied[1].item(), step)
+                        loss, q_mean = applied[0].item(), applied[1].item()
+                        if not (math.isfinite(loss) and math.isfinite(q_mean)):
+                            diverged = f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+                            break
+                        writer.add_scalar("losses/td_loss", loss, step)
+                        writer.add_scalar("losses/q_values", q_mean, step)
                     writer.add_scalar("charts/epsilon", epsilon, step)
                     writer.add_scalar("charts/SPS", int((step - start_step + 1) / (time.time() - start_time)), step)
             target_sync.step()
+        if diverged:
+            break
         previous_step, global_step = global_step, global_step + args.num_envs
 
         if crossed(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
@@ -1205,7 +1300,11 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                   f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
                   f"ETA {elapsed * max(0, args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
         if crossed(args.checkpoint_every, previous_step, global_step) or stop_signal:
+            if not all(torch.isfinite(parameter).all() for parameter in q_network.parameters()):
+                diverged = f"at step {global_step:,} the network's weights are not finite"
+                break  # a NaN between two loss reads: the last good checkpoint stays
             write_checkpoint(global_step)
+            last_checkpoint_step = global_step
         if stop_signal:
             print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
                   f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)
@@ -1213,7 +1312,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
 
-    if not stop_signal:
+    if not (stop_signal or diverged):
         final_returns = run_evaluation(global_step)  # past total_timesteps if num_envs does not divide it
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
               f"{final_returns.std():.2f} (wall {wall_before + time.time() - start_time:.1f}s)", flush=True)
@@ -1228,6 +1327,10 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     torch.set_num_threads(threads_before)
     eval_file.close()
     writer.close()
+    if diverged:
+        kept = (f"the last good checkpoint, {checkpoint_path} (step {last_checkpoint_step:,}), is untouched"
+                if last_checkpoint_step is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged: {diverged}; {kept}; try a smaller --learning-rate")
     return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": run_dir,
             "replay": replay, "q_network": q_network, "global_step": global_step}
 
@@ -1236,7 +1339,7 @@ def main() -> None:
     args = tyro.cli(Args)
     try:
         train(args, sys.argv[1:])
-    except ConfigError as error:
+    except (ConfigError, TrainingDiverged, GameWorkerFailed) as error:
         sys.exit(f"dqn_atari.py: error: {error}")
 
 
