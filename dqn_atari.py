@@ -704,6 +704,18 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
 
 
+def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, learning_since) -> str:
+    """The progress line's last field. Collecting before updates is many times faster than learning, so no
+    estimate is made from it; once learning, the estimate extrapolates the learning phase's own rate.
+    learning_since: (time, step) of the first progress after updates began, None before."""
+    if learning_since is None:
+        return f"updates from step {updates_begin_at:,}"
+    since_time, since_step = learning_since
+    if step <= since_step:
+        return "ETA     ?"
+    return f"ETA {(now - since_time) * max(0, total_steps - step) / (step - since_step) / 3600:5.2f}h"
+
+
 def crossed(every: int, before: int, after: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]: with several games a step of the loop moves
     the step count by more than one. every = 0: never."""
@@ -1248,6 +1260,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     start_time = time.time()
     final_returns = None
     diverged = ""  # what went non-finite, and when
+    learning_since = None  # (time, step) of the first progress line with updates running: the ETA's rate
     last_checkpoint_step = start_step - 1 if checkpoint is not None else None
     global_step = start_step - 1  # steps done; a resumed run may have nothing left to do
     while global_step < args.total_timesteps:
@@ -1293,12 +1306,14 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         if crossed(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
             last_eval = run_evaluation(global_step).mean()
         if crossed(args.progress_every, previous_step, global_step):
-            elapsed = time.time() - start_time
-            steps_done = global_step - start_step + 1
+            now = time.time()
+            if learning_since is None and global_step > updates_begin_at:
+                learning_since = (now, global_step)
             recent = np.mean(recent_returns) if recent_returns else float("nan")
-            print(f"step {global_step:>9}/{args.total_timesteps} | SPS {steps_done / elapsed:5.0f} | "
-                  f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
-                  f"ETA {elapsed * max(0, args.total_timesteps - global_step) / steps_done / 3600:5.2f}h", flush=True)
+            print(f"step {global_step:>9}/{args.total_timesteps} | "
+                  f"SPS {(global_step - start_step + 1) / (now - start_time):5.0f} | eps {epsilon:.3f} | "
+                  f"return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
+                  f"{time_left(now, global_step, args.total_timesteps, updates_begin_at, learning_since)}", flush=True)
         if crossed(args.checkpoint_every, previous_step, global_step) or stop_signal:
             if not all(torch.isfinite(parameter).all() for parameter in q_network.parameters()):
                 diverged = f"at step {global_step:,} the network's weights are not finite"

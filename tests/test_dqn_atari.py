@@ -781,3 +781,23 @@ def test_a_training_run_with_cuda_graphs_matches_one_without(tmp_path):
     if not (plain[:2] == plain_again[:2] and torch.equal(plain[2], plain_again[2])):
         pytest.skip("two plain CUDA runs of one seed differ on this machine: nothing exact to compare the graphs with")
     assert plain[:2] == graphed[:2] and torch.equal(plain[2], graphed[2])
+
+
+def test_eta_waits_for_updates_then_extrapolates_the_learning_phase_alone():
+    """Collecting runs about ten times faster than learning: an ETA drawn from it promised hours for a day."""
+    assert atari.time_left(500.0, 70_000, 2_000_000, 80_000, None) == "updates from step 80,000"
+    learning_since = (700.0, 90_000)  # 90k steps took 700 s, nearly all of it collecting
+    assert atari.time_left(700.0, 90_000, 2_000_000, 80_000, learning_since) == "ETA     ?"
+    # then 100 steps a second: 1.9M steps left take 19,000 s (the whole run's rate would say 15,200 s)
+    assert atari.time_left(800.0, 100_000, 2_000_000, 80_000, learning_since) == "ETA  5.28h"
+
+
+def test_progress_lines_say_when_updates_start_and_time_only_the_learning_phase(tmp_path, capsys, monkeypatch):
+    clock = iter(range(10**6))  # one second a reading: the phases' rates come from the steps between readings
+    monkeypatch.setattr(atari.time, "time", lambda: float(next(clock)))
+    atari.train(small_args(tmp_path, total_timesteps=300, learning_starts=100, progress_every=50))
+    lines = {int(line.split()[1].split("/")[0]): line.rsplit("|", 1)[1].strip()
+             for line in capsys.readouterr().out.splitlines() if line.startswith("step ")}
+    assert lines[50] == lines[100] == "updates from step 100"
+    assert lines[150] == "ETA     ?"
+    assert lines[200].startswith("ETA ") and lines[200] != "ETA     ?"
