@@ -415,11 +415,14 @@ class AtariGame:
         try:
             self.ale.restoreState(emulator_state(state["ale"]))
         except SystemError:  # ale-py's answer to bytes it parsed but cannot restore
-            raise ConfigError("the emulator state is not one ale-py can read") from None
+            raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
         self.raw[:] = state["raw"].numpy()
         self.rng.bit_generator.state = state["rng"]
         self.game_over, self.lives = state["game_over"], state["lives"]
         self.game_return, self.game_length = state["game_return"], state["game_length"]
+
+
+UNREADABLE_EMULATOR_STATE = "the emulator state is not one ale-py can read"
 
 
 def emulator_state(saved) -> ale_py.ALEState:
@@ -429,7 +432,7 @@ def emulator_state(saved) -> ale_py.ALEState:
     try:
         return ale_py.ALEState(saved.numpy().tobytes())
     except Exception:  # ale-py raises SystemError for bytes that are not one of its states
-        raise ConfigError("the emulator state is not one ale-py can read") from None
+        raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
 
 
 class Outcome(NamedTuple):
