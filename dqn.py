@@ -12,6 +12,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -83,6 +84,13 @@ class Args:
     """env steps between progress lines (0: none)"""
     runs_dir: str = "runs"
     """where each run's directory (tensorboard events, eval.csv, model) is created"""
+    track: bool = False
+    """also log the run to Weights & Biases: the tensorboard scalars, the flags and this file (needs
+    `pip install wandb`; WANDB_MODE=offline keeps it on this machine)"""
+    wandb_project_name: str = "dqn"
+    """the Weights & Biases project of --track"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases team or user of --track (None: your default entity)"""
     save_model: bool = False
     """write the trained weights to <run dir>/<exp_name>.pt"""
     eval_model: str = ""
@@ -123,6 +131,11 @@ def check_args(args: Args) -> None:
     if args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
                           f"(--buffer-size {args.buffer_size})")
+    if args.track:
+        try:
+            import wandb  # noqa: F401 (here only to stop at once when it is missing)
+        except ImportError:
+            raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
 
 
 # ---- Environment -------------------------------------------------------------------------------------------
@@ -372,6 +385,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def start_tracking(args: Args, run_dir: str):
+    """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
+    and keeps the flags and this file."""
+    import wandb  # only with --track (check_args has seen it is installed)
+
+    try:
+        return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
+                          sync_tensorboard=True, save_code=True, config=vars(args))
+    except wandb.errors.Error as error:  # no API key, an unknown entity
+        raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
+                          "`wandb login`, or set WANDB_MODE=offline") from None
+
+
 def train(args: Args) -> dict:
     """Trains one agent; returns its final eval returns, training episode returns, run dir, replay and steps."""
     check_args(args)
@@ -394,6 +420,7 @@ def train(args: Args) -> dict:
     action_rng = np.random.default_rng(args.seed)
 
     run_dir = make_run_dir(args)
+    tracking = start_tracking(args, run_dir) if args.track else None
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
@@ -417,6 +444,7 @@ def train(args: Args) -> dict:
     start_time = time.time()
     exploration_steps = int(args.exploration_fraction * args.total_timesteps)
     solved_return = env.spec.reward_threshold if args.stop_when_solved else None
+    diverged = ""  # what went non-finite, and when
     for global_step in range(1, args.total_timesteps + 1):
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         if action_rng.random() < epsilon:
@@ -450,12 +478,8 @@ def train(args: Args) -> dict:
             if global_step % LOG_EVERY < args.train_frequency:
                 loss, q_mean = loss.item(), q_mean.item()
                 if not (math.isfinite(loss) and math.isfinite(q_mean)):
-                    eval_file.close()
-                    writer.close()
-                    env.close()
-                    raise TrainingDiverged(f"training diverged: at step {global_step:,} the TD loss is {loss} and "
-                                           f"the mean Q-value {q_mean}; no model was saved; try a smaller "
-                                           "--learning-rate")
+                    diverged = f"at step {global_step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+                    break
                 writer.add_scalar("losses/td_loss", loss, global_step)
                 writer.add_scalar("losses/q_values", q_mean, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
@@ -477,16 +501,22 @@ def train(args: Args) -> dict:
                   f"eps {epsilon:.3f} | return(100) {recent:8.2f} | eval {last_eval:8.2f} | "
                   f"ETA {elapsed * (args.total_timesteps / global_step - 1):5.0f}s", flush=True)
 
-    final_returns = run_evaluation(global_step)
-    print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
-          f"{final_returns.std():.2f} (wall {time.time() - start_time:.1f}s)", flush=True)
-    if args.save_model:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-        save_model(model_path, q_network, args, obs_dim, n_actions)
-        print(f"model saved to {model_path}")
+    final_returns = None
+    if not diverged:
+        final_returns = run_evaluation(global_step)
+        print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
+              f"{final_returns.std():.2f} (wall {time.time() - start_time:.1f}s)", flush=True)
+        if args.save_model:
+            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            save_model(model_path, q_network, args, obs_dim, n_actions)
+            print(f"model saved to {model_path}")
     eval_file.close()
     writer.close()
     env.close()
+    if tracking is not None:
+        tracking.finish(exit_code=1 if diverged else 0)
+    if diverged:
+        raise TrainingDiverged(f"training diverged: {diverged}; no model was saved; try a smaller --learning-rate")
     return {"final_returns": final_returns, "episode_returns": episode_returns, "run_dir": run_dir,
             "replay": replay, "steps": global_step, "q_network": q_network}
 

@@ -114,6 +114,13 @@ class Args:
     a resumed run may change, such as --total-timesteps)"""
     runs_dir: str = "runs"
     """where each run's directory (tensorboard events, eval.csv, checkpoint, model) is created"""
+    track: bool = False
+    """also log the run to Weights & Biases: the tensorboard scalars, the flags, this file and the evaluation
+    GIFs (needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine)"""
+    wandb_project_name: str = "dqn"
+    """the Weights & Biases project of --track"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases team or user of --track (None: your default entity)"""
     save_model: bool = False
     """write the trained weights to <run dir>/<exp_name>.pt"""
 
@@ -125,7 +132,7 @@ MAX_GAME_FRAMES = 108_000  # 30 minutes of play at 60 Hz: the usual cap on a gam
 # Flags a resumed run may take from its command line; every other one comes from the checkpoint.
 RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", "progress_every",
              "checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model",
-             "replay_on_gpu"}
+             "replay_on_gpu", "track", "wandb_project_name", "wandb_entity"}
 
 
 class ConfigError(Exception):
@@ -166,6 +173,11 @@ def check_args(args: Args) -> None:
     if args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
                           f"(--buffer-size {args.buffer_size})")
+    if args.track:
+        try:
+            import wandb  # noqa: F401 (here only to stop at once when it is missing)
+        except ImportError:
+            raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
 
 
 # ---- Environment -------------------------------------------------------------------------------------------
@@ -1103,6 +1115,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
+    """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
+    and keeps the flags and this file; a resumed run passes the id its checkpoint kept, and goes on in that run."""
+    import wandb  # only with --track (check_args has seen it is installed)
+
+    try:
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
+                         sync_tensorboard=True, save_code=True, id=run_id, resume="allow" if run_id else None)
+    except wandb.errors.Error as error:  # no API key, an unknown entity
+        raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
+                          "`wandb login`, or set WANDB_MODE=offline") from None
+    run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
+    return run
+
+
 def open_eval_csv(run_dir: str, resume_step: Optional[int]):
     """eval.csv of this run; a resumed run drops rows past its checkpoint (an interrupted run's tail)."""
     path = os.path.join(run_dir, "eval.csv")
@@ -1211,6 +1238,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         run_dir = make_run_dir(args)
 
     resume_step = start_step - 1 if checkpoint is not None else None
+    wandb_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None else None  # a resume goes on in it
+    tracking = start_tracking(args, run_dir, wandb_run_id) if args.track else None
     writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint is not None else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
@@ -1227,7 +1256,12 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         eval_file.flush()
         if video:
             os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-            write_gif(os.path.join(run_dir, "videos", f"eval_step{step}.gif"), video)
+            gif_path = os.path.join(run_dir, "videos", f"eval_step{step}.gif")
+            write_gif(gif_path, video)
+            if tracking is not None:
+                import wandb  # imported by start_tracking
+
+                tracking.log({"videos/eval": wandb.Video(gif_path, format="gif"), "global_step": step})
         return returns
 
     def write_checkpoint(step: int) -> None:
@@ -1245,6 +1279,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             # resume without it refills the replay and starts afresh)
             "learner_batch": learner.batch if learner is not None and args.checkpoint_replay else None,
             "recent_returns": list(recent_returns),
+            "wandb_run_id": tracking.id if tracking is not None else None,
         }, checkpoint_path)
 
     # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
@@ -1345,6 +1380,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     torch.set_num_threads(threads_before)
     eval_file.close()
     writer.close()
+    if tracking is not None:
+        tracking.finish(exit_code=1 if diverged else 0)
     if diverged:
         kept = (f"the last good checkpoint, {checkpoint_path} (step {last_checkpoint_step:,}), is untouched"
                 if last_checkpoint_step is not None else "no checkpoint was written")

@@ -10,9 +10,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_script(script: str, *args, cwd, timeout=300, **popen_kwargs):
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, **popen_kwargs)
+def run_script(script: str, *args, cwd, timeout=300, interpreter_args=(), **popen_kwargs):
+    return subprocess.run([sys.executable, *interpreter_args, str(REPO / script), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout, **popen_kwargs)
 
 
 def assert_one_line_error(finished, fragment, script="dqn.py"):

@@ -24,7 +24,7 @@ REPLACED = {
     "eval_every: int = 250_000",
     "eval_episodes: int = 10",
     "progress_every: int = 10_000",
-    '"replay_on_gpu"}',
+    '"replay_on_gpu", "track", "wandb_project_name", "wandb_entity"}',
     "applied = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
