@@ -12,16 +12,21 @@ reports that score so far, and the median pruner stops trials that trail the oth
 The study lives in `--storage`: a journal file (the default, `<out>/study.journal`: no server, and several
 processes on one machine can share it) or any Optuna storage URL (`postgresql://user:pass@host/db`, with
 that database's driver installed) so that workers on many machines fill one study: run the same command on
-each, and each machine's workers stop once the study holds `--n-trials` trials. At the end the process
-writes the report: trials.csv, the best configuration as a ready-to-run command, parallel-coordinate and
-parameter-importance plots, and a re-check of the best configuration against the script's defaults over
-`--recheck-seeds` fresh seeds (benchmark/run.py, then compare.py, so each result folder is a normal one).
+each, and each machine's workers stop once the study holds `--n-trials` trials. On a database each trial
+records a heartbeat every `--heartbeat` seconds: a trial silent for twice that (its machine died, its worker
+was killed) is marked failed and run again, with the same flags, by a worker still alive; a worker done with
+its share waits for the trials running elsewhere, so that the study never ends with one left running.
+At the end the process writes the report: trials.csv, the best configuration as a ready-to-run command,
+parallel-coordinate and parameter-importance plots, and a re-check of the best configuration against the
+script's defaults over `--recheck-seeds` fresh seeds (benchmark/run.py, then compare.py, so each result
+folder is a normal one).
 Arguments after `--` go to every run unchanged (a budget, for instance).
 """
 
 import argparse
 import csv
 import dataclasses
+import math
 import multiprocessing
 import os
 import shlex
@@ -30,6 +35,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import compare
@@ -154,6 +160,13 @@ class Config:
     n_trials: int
     pruner: str
     out: Path
+    heartbeat: int  # seconds between a trial's heartbeats, on a database storage
+
+    @property
+    def on_database(self) -> bool:
+        """A database records heartbeats, so a dead worker's trial can be told from a running one; a journal
+        file cannot."""
+        return "://" in self.storage
 
     def describe(self) -> dict:
         """What defines the study: a later invocation must agree on all of it to add trials."""
@@ -170,25 +183,51 @@ def score(curves: list, objective: str, evals: int) -> float:
     return sum(per_seed) / len(per_seed)
 
 
-def open_storage(spec: str):
-    """A journal file for a path, the URL's database otherwise; refused in one line when it cannot open."""
+def shown_storage(spec: str) -> str:
+    """The storage as errors and reports show it: a URL's password masked (summary.md is committed, logs shared)."""
+    if "://" not in spec:
+        return spec
+    import sqlalchemy.engine
+
+    try:
+        return sqlalchemy.engine.make_url(spec).render_as_string(hide_password=True)
+    except Exception:  # a URL SQLAlchemy cannot parse: its scheme only
+        return spec.split("://")[0] + "://..."
+
+
+def open_storage(spec: str, heartbeat: int = 60):
+    """A journal file for a path, the URL's database otherwise; refused in one line when it cannot open.
+    On a database, a trial whose heartbeat stops for 2 x heartbeat seconds is failed and queued again (3 times
+    at most: a trial that keeps killing its worker is left failed)."""
     import optuna
+    import sqlalchemy.exc  # optuna's database layer
     from optuna.storages.journal import JournalFileBackend
 
     try:
-        if "://" in spec:
-            return optuna.storages.RDBStorage(spec)
-        return optuna.storages.JournalStorage(JournalFileBackend(spec))
+        if "://" not in spec:
+            return optuna.storages.JournalStorage(JournalFileBackend(spec))
+        for attempt in range(3):
+            try:
+                with warnings.catch_warnings():  # optuna calls heartbeats experimental
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        spec, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            except sqlalchemy.exc.IntegrityError:
+                # machines starting at once on an empty database race to make its tables: the loser finds them made
+                if attempt == 2:
+                    raise
+                time.sleep(1)
     except Exception as error:  # drivers and databases raise many kinds; all mean "cannot use this storage"
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise TuneError(f"cannot open storage {spec!r}: {first_line}") from None
+        raise TuneError(f"cannot open storage {shown_storage(spec)!r}: {first_line}") from None
 
 
 def load_study(config: Config, create: bool):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(config.storage)
+    storage = open_storage(config.storage, config.heartbeat)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2) if config.pruner == "median"
               else optuna.pruners.NopPruner())
     # constant_liar: trials running elsewhere count as mediocre, so parallel workers do not all sample one spot
@@ -203,7 +242,7 @@ def load_study(config: Config, create: bool):
     elif made_with != config.describe():
         differ = ", ".join(f"{key}={made_with.get(key)!r} (this run: {value!r})"
                            for key, value in config.describe().items() if made_with.get(key) != value)
-        raise TuneError(f"study {config.study!r} in {config.storage} was made with {differ}; "
+        raise TuneError(f"study {config.study!r} in {shown_storage(config.storage)} was made with {differ}; "
                         "give another --study name or the same settings")
     return study
 
@@ -221,6 +260,7 @@ def run_trial(trial, config: Config, work_dir: Path) -> float:
     trial.set_user_attr("flags", shlex.join(flags))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     started = time.perf_counter()
+    last_heartbeat = -math.inf
     runs = []
     try:
         for seed in config.seeds:
@@ -231,6 +271,10 @@ def run_trial(trial, config: Config, work_dir: Path) -> float:
             runs.append(launched)
         reported = 0
         while True:
+            if config.on_database and time.monotonic() - last_heartbeat >= config.heartbeat:
+                # ask-and-tell has no heartbeat of its own (study.optimize runs one): the storage's call
+                trial.study._storage.record_heartbeat(trial._trial_id)
+                last_heartbeat = time.monotonic()
             finished = all(process.poll() is not None for process, _, _ in runs)
             curves = [read_eval_curve(runs_dir) for _, runs_dir, _ in runs]
             while reported < min(len(curve) for curve in curves):
@@ -265,14 +309,26 @@ def counted_trials(study) -> int:
 
 
 def work(config: Config) -> None:
-    """One worker: asks the study for trials until it holds n_trials. Exits non-zero on a failed trial."""
+    """One worker: asks the study for trials until it holds n_trials, then waits for the trials running
+    elsewhere (one of a dead worker is failed and queued again, which this worker then runs). Exits non-zero
+    on a failed trial."""
     import optuna
     from optuna.trial import TrialState
 
     for stop_signal in run.STOP_SIGNALS:
         signal.signal(stop_signal, run.stop_runs)
     study = load_study(config, create=False)
-    while counted_trials(study) < config.n_trials:
+    while True:
+        if config.on_database:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trials: failed, and queued again
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # the next ask takes one
+        if counted_trials(study) >= config.n_trials and not queued:
+            if not (config.on_database and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+                break
+            time.sleep(config.heartbeat / 2)  # trials running elsewhere: they finish, or go stale and come back
+            continue
         signal.pthread_sigmask(signal.SIG_BLOCK, run.STOP_SIGNALS)  # a stop between ask and try would leave it running
         trial = study.ask()
         with tempfile.TemporaryDirectory(prefix=f"tune-trial{trial.number}-") as work_dir:
@@ -307,8 +363,6 @@ def write_trials_csv(path: Path, trials: list) -> None:
 
 def write_plots(study, out: Path) -> list:
     """Parallel coordinates and parameter importances as PNGs; returns the notes for what could not be drawn."""
-    import warnings
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -373,7 +427,7 @@ def report(config: Config, argv: list, workers: int, recheck_seeds: int, seconds
     else:
         recheck_text = "Re-check: not run (`--recheck-seeds 0`)."
     seeds = ", ".join(map(str, config.seeds))
-    command = command_line(__file__, argv)
+    command = command_line(__file__, [shown_storage(arg) if arg == config.storage else arg for arg in argv])
     text = (
         f"# {config.env_id}: study {config.study!r} ({config.objective} eval return, mean of seeds {seeds})\n\n"
         f"Best: trial {best.number}, {best.value:.2f}\n\n```bash\n{best_command}\n```\n\n"
@@ -404,6 +458,8 @@ def parse(argv: list):
     parser.add_argument("--params", nargs="+", help="the flags to tune (Args field names; default: most of the space)")
     parser.add_argument("--pruner", choices=["median", "none"], default="median")
     parser.add_argument("--recheck-seeds", type=int, default=10, help="fresh seeds for the re-check (0: none)")
+    parser.add_argument("--heartbeat", type=int, default=60, help="on a database storage: seconds between a "
+                        "trial's heartbeats; one silent for twice this is failed and run again elsewhere")
     args = parser.parse_args(argv[:split])
     fixed = tuple(argv[split + 1:])
     script = Path(args.script).resolve()
@@ -422,12 +478,12 @@ def parse(argv: list):
     clash = [f for f in fixed if f.startswith("--") and f[2:].replace("-", "_").removeprefix("no_") in names]
     if clash:
         parser.error(f"{', '.join(clash)} after -- is also tuned; drop it or leave it out of --params")
-    if args.n_trials < 1 or args.workers < 1 or args.seeds < 1 or args.recheck_seeds < 0:
-        parser.error("--n-trials, --workers and --seeds must be at least 1, --recheck-seeds at least 0")
+    if args.n_trials < 1 or args.workers < 1 or args.seeds < 1 or args.recheck_seeds < 0 or args.heartbeat < 1:
+        parser.error("--n-trials, --workers, --seeds and --heartbeat must be at least 1, --recheck-seeds at least 0")
     out = output_folder(parser, args.out)
     config = Config(args.study, args.storage or str(out / "study.journal"), script, args.env_id,
                     tuple(range(1, args.seeds + 1)), args.objective, tuple(n for n in space if n in names), fixed,
-                    args.n_trials, args.pruner, out)
+                    args.n_trials, args.pruner, out, args.heartbeat)
     return args, config
 
 

@@ -3,8 +3,16 @@ and its refusals."""
 
 import csv
 import dataclasses
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -106,6 +114,14 @@ def test_an_unreachable_storage_is_one_line(tmp_path, capsys):
     assert "\n" not in code
 
 
+def test_a_database_password_never_reaches_an_error_or_a_report(tmp_path, capsys):
+    assert tune.shown_storage("postgresql://tune:secret@db.example/tune") == "postgresql://tune:***@db.example/tune"
+    assert tune.shown_storage(str(tmp_path / "study.journal")) == str(tmp_path / "study.journal")
+    code, _ = tuner_error(capsys, ["--out", str(tmp_path), "--storage", "postgresql://tune:secret@127.0.0.1:1/tune"])
+    assert code.startswith("tune.py: error: cannot open storage 'postgresql://tune:***@127.0.0.1:1/tune': ")
+    assert "secret" not in code
+
+
 def test_a_study_made_with_another_objective_is_refused(tmp_path, capsys):
     _, config = tune.parse(["--out", str(tmp_path), "--objective", "final"])
     tune.load_study(config, create=True)
@@ -130,3 +146,89 @@ def test_stopping_the_tuner_stops_its_workers_and_their_runs_and_fails_their_tri
     assert_signal_stops_every_run(tuner, marker, "tune.py: stopped by signal 15")
     study = optuna.load_study(study_name="dqn", storage=tune.open_storage(str(tmp_path / "study.journal")))
     assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.FAIL}  # none left "running"
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback, from the installed binaries (Debian's postgresql package, which
+    .ci/run installs): skipped, with that reason, where there are none; a failure in CI, which must have them."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    missing = ("no PostgreSQL server installed (Debian: apt-get install postgresql)" if not initdb else
+               "no PostgreSQL driver (pip install 'psycopg[binary]')" if importlib.util.find_spec("psycopg") is None
+               else "")
+    if missing:
+        if os.environ.get("CI"):  # .ci/run installs both: without them CI would test less than it says
+            pytest.fail(missing)
+        pytest.skip(f"{missing}: tune.py on a real database is not tested here")
+    bin_dir = initdb[-1].parent
+    data = Path(tempfile.mkdtemp(prefix="dqn-tests-postgres-"))
+    as_server_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: its own user runs it
+        server_user = pwd.getpwnam("postgres")
+        os.chown(data, server_user.pw_uid, server_user.pw_gid)
+        as_server_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    quiet = {"check": True, "capture_output": True, "timeout": 120}
+    subprocess.run([*as_server_user, bin_dir / "initdb", "-D", data / "db", "-U", "tune", "--auth=trust"], **quiet)
+    subprocess.run([*as_server_user, bin_dir / "pg_ctl", "-D", data / "db", "-l", data / "server.log", "-w", "-o",
+                    f"-c listen_addresses=127.0.0.1 -p {port} -k {data}", "start"], **quiet)
+    try:
+        subprocess.run([bin_dir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "tune", "tune"], **quiet)
+        yield f"postgresql://tune@127.0.0.1:{port}/tune"
+    finally:
+        subprocess.run([*as_server_user, bin_dir / "pg_ctl", "-D", data / "db", "-m", "immediate", "stop"], **quiet)
+        shutil.rmtree(data)
+
+
+def trials_of(worker_group: int, study) -> list:
+    """RUNNING trials whose worker process (its pid in the trial's "worker" attribute) is in this process group."""
+    found = []
+    for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        try:
+            if os.getpgid(int(t.user_attrs.get("worker", ":0").rsplit(":", 1)[1])) == worker_group:
+                found.append(t)
+        except (ProcessLookupError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # optuna's word for heartbeats
+def test_on_postgresql_a_worker_killed_mid_trial_has_its_trial_failed_and_run_again_by_the_other(
+        tmp_path, postgres_url):
+    """Two tune.py invocations against one PostgreSQL server, as two machines; one dies (SIGKILL to its whole
+    process group: its worker and its runs) in the middle of a trial."""
+    n_trials = 4  # both start at once on an empty database, and race to make its tables
+
+    def machine(i, **popen):
+        return subprocess.Popen([*TUNER, "--storage", postgres_url, "--study", "killed-worker", "--out",
+                                 str(tmp_path / f"machine{i}"), "--n-trials", str(n_trials), "--seeds", "1",
+                                 "--recheck-seeds", "0", "--pruner", "none", "--heartbeat", "2", "--", *TINY_RUN],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    survivor, doomed = machine(0), machine(1, start_new_session=True)
+    deadline, killed = time.monotonic() + 120, []
+    while not killed and time.monotonic() < deadline and doomed.poll() is None:
+        try:
+            killed = trials_of(doomed.pid, optuna.load_study(study_name="killed-worker", storage=postgres_url))
+        except KeyError:  # the study is not made yet
+            pass
+        time.sleep(0.2)
+    assert killed, "the doomed worker never started a trial"
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed_out, _ = doomed.communicate(timeout=60)
+    survivor_out, survivor_err = survivor.communicate(timeout=400)
+    assert survivor.returncode == 0, survivor_err
+
+    trials = optuna.load_study(study_name="killed-worker", storage=postgres_url).get_trials()
+    states = [t.state for t in trials]
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [killed[0].number]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == n_trials == len(trials) - 1  # nothing left running
+    (retried,) = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) ==
+                  killed[0].number]
+    assert retried.state == optuna.trial.TrialState.COMPLETE and retried.params == killed[0].params
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "one worker took every trial"
+    announced = [line.split(":")[0] for line in (survivor_out + doomed_out).splitlines() if line.startswith("trial ")]
+    assert sorted(announced) == sorted(f"trial {t.number}" for t in trials if t.state.is_finished() and
+                                       t.state != optuna.trial.TrialState.FAIL)  # each trained once
