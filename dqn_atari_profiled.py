@@ -980,8 +980,8 @@ def td_gradients(q_network, optimizer, obs, actions, targets, max_grad_norm: flo
     if max_grad_norm > 0:
         parameters = list(q_network.parameters())
         norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        # clip_grad_norm_ rescales the gradients even by a factor of 1, a pass over every weight (about 1 ms
-        # an update on a CPU); there, reading the norm needs no device sync, so rescale only when it is over.
+        # clip_grad_norm_ rescales the gradients even by a factor of 1, a pass over every weight; on a CPU,
+        # reading the norm needs no device sync, so rescale only when it is over.
         if norm.device.type != "cpu" or norm > max_grad_norm:
             nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, norm)
         PHASES.lap("update: gradient clipping")

@@ -29,6 +29,31 @@ REPLACED = {
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
 }
+# Lines the profiled copy adds outside its harness section, beyond those naming a piece of the harness (HARNESS):
+# the docstring's first line, the imports the harness needs, the short run's defaults, the update call split to
+# time the sampling apart, and the start of the learning phase, where the phase table starts.
+ADDED = {
+    '"""Nature DQN (Mnih et al. 2015) on Atari, in one file: dqn_atari.py plus an inline profiling harness.',
+    "from collections import defaultdict, deque",
+    "import shutil",
+    "import subprocess",
+    "import threading",
+    "total_timesteps: int = 20_000",
+    '"""total environment (agent) steps of training; one step is frame_skip emulator frames (profiling: short)"""',
+    "buffer_size: int = 100_000",
+    '"""replay capacity in frames (profiling: 100k, as the size does not change the cost of a step) (one 84x84 uint8 '
+    'frame per transition, 7.06 GB for 1M)"""',
+    "learning_starts: int = 2_000",
+    '"""env steps of pure collection before the first gradient step (profiling: soon, to time the updates)"""',
+    "eval_every: int = 0",
+    "eval_episodes: int = 2",
+    "progress_every: int = 5_000",
+    "batch = replay.sample(args.batch_size)",
+    "applied = update(*batch)  # OverlappedUpdates: None at its first call",
+    """if getattr(update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped""",
+    "if global_step <= updates_begin_at < global_step + args.num_envs:",
+}
+HARNESS = ("PHASES", "profile", "py_spy", "py-spy", "recorders", "steps_run", "trace_path", "cProfile", "pstats")
 TINY = ["--total-timesteps", "600", "--learning-starts", "300", "--buffer-size", "2000", "--eval-episodes", "1",
         "--no-cuda", "--runs-dir", "runs"]
 PHASES = ["action selection", "env step", "preprocessing", "replay add", "sampling and transfer",
@@ -46,10 +71,21 @@ def phase_rows(table: str) -> dict:
 
 
 def test_the_diff_with_dqn_atari_is_only_the_harness():
-    plain = (REPO / "dqn_atari.py").read_text().splitlines()
-    profiled = (REPO / "dqn_atari_profiled.py").read_text().splitlines()
-    removed = {line[2:].strip() for line in difflib.ndiff(plain, profiled) if line.startswith("- ")}
+    """Both ways: no line of dqn_atari.py is missing from the profiled copy, and the copy adds only its harness
+    (so an algorithm change made in one of the two files alone fails here)."""
+    plain = [line.strip() for line in (REPO / "dqn_atari.py").read_text().splitlines()]
+    profiled_lines = (REPO / "dqn_atari_profiled.py").read_text().splitlines()
+    profiled = [line.strip() for line in profiled_lines]
+    diff = list(difflib.ndiff(plain, profiled))
+    removed = {line[2:] for line in diff if line.startswith("- ")}
     assert removed <= REPLACED, f"dqn_atari.py lines missing from the profiled copy: {removed - REPLACED}"
+    start = profiled_lines.index(next(line for line in profiled_lines if line.startswith("# ---- Profiling harness")))
+    end = next(i for i in range(start + 1, len(profiled_lines)) if profiled_lines[i].startswith("# ---- "))
+    harness_section = set(profiled[start:end])
+    added = {line[2:] for line in diff if line.startswith("+ ")}
+    beyond = {line for line in added - harness_section - ADDED
+              if line and not line.startswith("#") and not any(name in line for name in HARNESS)}
+    assert not beyond, f"lines of the profiled copy that are not its harness: {beyond}"
 
 
 def test_phase_table_accounts_for_the_whole_learning_phase_and_cprofile_and_torch_profiler_write(tmp_path):
