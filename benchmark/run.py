@@ -11,7 +11,11 @@ summary.md (the table, the exact command, commit and machine). Extra arguments a
     python benchmark/run.py --from-runs runs/PongNoFrameskip-v4__dqn_atari__1__* --out benchmark/results/pong
 
 makes the same report from finished run directories instead (runs trained elsewhere, or resumed from
-checkpoints across sessions): their seed comes from the directory name, their wall time from eval.csv.
+checkpoints across sessions): their seed comes from the directory name, their wall time from eval.csv. It adds
+the training return, read from each run's tensorboard events (`charts/episodic_return`: whole games,
+unclipped, at the training epsilon, as CleanRL logs it): <env>_training.csv (every game of every seed) and
+<env>_training.png (the mean over seeds of each seed's last 100 games, a one-standard-error band), with
+published figures marked beside it by `--reference "LABEL=STEP:VALUE,STEP:VALUE"`.
 """
 
 import argparse
@@ -26,7 +30,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +69,7 @@ class RunResult:
     wall_seconds: float
     curve: list  # rows of eval.csv as dicts
     error: str = ""
+    training: list = field(default_factory=list)  # (step, return) of each training game, where read (--from-runs)
 
     @property
     def final(self) -> float:
@@ -167,6 +172,84 @@ def run_one(script: Path, env_id: str, seed: int, extra: list, cores, work_dir: 
     return finish_run(*launched, env_id, seed, started)
 
 
+TRAINING_WINDOW = 100  # games averaged at each point of a training curve, as the scripts' return(100)
+TRAINING_GRID = 10_000  # env steps between the points of a training curve
+
+
+def read_training_returns(run_dir: Path) -> list:
+    """(step, return) of every training game of a run, from its tensorboard events; [] when it logged none.
+    The events of a resumed run's interrupted tail are dropped, as tensorboard drops them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    events.Reload()
+    if "charts/episodic_return" not in events.Tags()["scalars"]:
+        return []
+    return [(event.step, event.value) for event in events.Scalars("charts/episodic_return")]
+
+
+def training_curve(games: list, grid: np.ndarray) -> np.ndarray:
+    """At each grid step, the mean return of the last TRAINING_WINDOW games ended by then (nan before any)."""
+    games = sorted(games)
+    steps = np.array([step for step, _ in games])
+    sums = np.concatenate([[0.0], np.cumsum([value for _, value in games])])
+    ends = np.searchsorted(steps, grid, side="right")
+    starts = np.maximum(0, ends - TRAINING_WINDOW)
+    with np.errstate(invalid="ignore"):
+        return np.where(ends > 0, (sums[ends] - sums[starts]) / (ends - starts), np.nan)
+
+
+def parse_reference(text: str) -> tuple:
+    """--reference "LABEL=STEP:VALUE,STEP:VALUE" as (label, [(step, value), ...])."""
+    label, _, points = text.rpartition("=")
+    try:
+        pairs = [(int(float(step)), float(value)) for step, value in
+                 (point.split(":") for point in points.split(","))]
+    except ValueError:
+        raise ValueError(f"--reference {text!r}: give LABEL=STEP:VALUE,STEP:VALUE") from None
+    if not label or not pairs:
+        raise ValueError(f"--reference {text!r}: give LABEL=STEP:VALUE,STEP:VALUE")
+    return label, pairs
+
+
+def write_training_outputs(out: Path, env_id: str, results: list, references: list) -> str:
+    """<env>_training.csv and .png from the runs' training games; returns summary.md's line on them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / f"{file_stem(env_id)}_training.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "step", "episodic_return"])
+        for r in results:
+            writer.writerows([r.seed, step, f"{value:g}"] for step, value in sorted(r.training))
+    last_common = min(max(step for step, _ in r.training) for r in results) // TRAINING_GRID * TRAINING_GRID
+    grid = np.arange(TRAINING_GRID, last_common + 1, TRAINING_GRID)
+    curves = np.array([training_curve(r.training, grid) for r in results])
+    mean = curves.mean(axis=0)
+    se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve in curves:
+        ax.plot(grid, curve, color="tab:blue", alpha=0.2, linewidth=0.8)
+    ax.plot(grid, mean, color="tab:blue", label=f"mean of {len(curves)} seeds (last {TRAINING_WINDOW} games)"
+            if len(curves) > 1 else f"one seed: no spread shown (last {TRAINING_WINDOW} games)")
+    if len(curves) > 1:
+        ax.fill_between(grid, mean - se, mean + se, color="tab:blue", alpha=0.3, label="± 1 standard error")
+    for (label, points), marker in zip(references, "osD^"):
+        ax.plot(*zip(*points), marker, color="black", fillstyle="none", linestyle="none", label=label)
+    ax.set(title=f"{env_id}: training return", xlabel="env steps", ylabel="episodic return (charts/episodic_return)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{file_stem(env_id)}_training.png", dpi=100)
+    plt.close(fig)
+    spread = f" ± {se[-1]:.1f} over {len(curves)} seeds" if len(curves) > 1 else ", one seed"
+    lines = [f"- {env_id} training return at step {grid[-1]:,} (each seed's last {TRAINING_WINDOW} games, "
+             f"mean ± SE): {mean[-1]:.1f}{spread}; {file_stem(env_id)}_training.png"]
+    lines += [f"- beside it, {label}: " + ", ".join(f"{value:g} at {step:,}" for step, value in points)
+              for label, points in references]
+    return "\n".join(lines)
+
+
 def result_from_run_dir(run_dir: Path) -> RunResult:
     """A finished run's directory, <env>__<exp>__<seed>__<time> as the scripts name it, read as a RunResult."""
     parts = run_dir.name.split("__")
@@ -176,7 +259,8 @@ def result_from_run_dir(run_dir: Path) -> RunResult:
     with open(eval_file) as f:
         curve = list(csv.DictReader(f))
     env_id = parts[0].replace("ALE-", "ALE/", 1)  # the scripts write ALE/Pong-v5's runs as ALE-Pong-v5
-    return RunResult(env_id, int(parts[2]), float(curve[-1]["wall_seconds"]) if curve else 0.0, curve)
+    return RunResult(env_id, int(parts[2]), float(curve[-1]["wall_seconds"]) if curve else 0.0, curve,
+                     training=read_training_returns(run_dir))
 
 
 def mean_and_se(values) -> tuple:
@@ -338,16 +422,22 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="folder for CSVs, PNGs, logs and summary.md")
     parser.add_argument("--from-runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="report these finished run directories instead of training")
+    parser.add_argument("--reference", action="append", default=[], metavar="LABEL=STEP:VALUE,...",
+                        help="with --from-runs: published training returns to mark beside the curve (repeatable)")
     args = parser.parse_args(argv[:split])
     if args.from_runs:
         try:
             results = [result_from_run_dir(run_dir) for run_dir in args.from_runs]
+            references = [parse_reference(text) for text in args.reference]
         except ValueError as error:
             parser.error(str(error))
         thresholds = solve_thresholds(parser, list(dict.fromkeys(r.env_id for r in results)), args.threshold)
-        write_report(output_folder(parser, args.out), argv, thresholds, results, script=None,
-                     seconds=sum(r.wall_seconds for r in results),
-                     how="runs read from their directories (trained before this report; see each run's flags)")
+        out = output_folder(parser, args.out)
+        training = [write_training_outputs(out, env_id, with_games, references) for env_id in thresholds
+                    if (with_games := [r for r in results if r.env_id == env_id and r.training])]
+        write_report(out, argv, thresholds, results, script=None, seconds=sum(r.wall_seconds for r in results),
+                     how="runs read from their directories (trained before this report; see each run's flags)",
+                     notes=training)
         return
     extra = argv[split + 1:]
     script = Path(args.script).resolve()
@@ -388,7 +478,8 @@ def main(argv=None) -> None:
         sys.exit(f"{sum(bool(r.error) for r in results)} run(s) failed; see {log_dir}")
 
 
-def write_report(out: Path, argv: list, thresholds: dict, results: list, script, seconds: float, how: str) -> None:
+def write_report(out: Path, argv: list, thresholds: dict, results: list, script, seconds: float, how: str,
+                 notes: list = ()) -> None:
     """Per env outputs, the printed table and summary.md with the command, commit and machine.
     thresholds: each env id's solve threshold, in the report's order."""
     env_ids = list(thresholds)
@@ -401,7 +492,8 @@ def write_report(out: Path, argv: list, thresholds: dict, results: list, script,
     seeds = sorted({r.seed for r in results})
     (out / "summary.md").write_text(
         f"# {', '.join(env_ids)}: {len(seeds)} seed{'s' if len(seeds) > 1 else ''}\n\n{table}\n\n"
-        + provenance(command, git_commit(code)) + f"- {how}\n- total wall: {seconds:.0f} s\n")
+        + provenance(command, git_commit(code)) + f"- {how}\n- total wall: {seconds:.0f} s\n"
+        + "".join(f"{note}\n" for note in notes))
 
 
 if __name__ == "__main__":

@@ -183,6 +183,40 @@ def test_report_from_finished_run_directories(tmp_path):
         bench.main(["--from-runs", str(tmp_path / "runs"), "--out", str(out)])
 
 
+def test_training_curve_is_the_mean_of_the_last_games_ended_by_each_step():
+    games = [(step, float(step // 10)) for step in range(10, 1510, 10)]  # 150 games, returns 1..150
+    curve = bench.training_curve(games, np.array([5, 10, 20, 1000, 1500]))
+    assert np.isnan(curve[0]) and curve[1:3].tolist() == [1.0, 1.5]
+    assert curve[3] == pytest.approx(np.mean(np.arange(1, 101)))  # games 1..100: all so far
+    assert curve[4] == pytest.approx(np.mean(np.arange(51, 151)))  # the last 100 of 150
+
+
+def test_training_returns_from_tensorboard_events_beside_published_points(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dirs = []
+    for seed, level in ((1, 10.0), (2, 20.0)):
+        run_dir = tmp_path / "runs" / f"BreakoutNoFrameskip-v4__dqn_atari__{seed}__1700000000"
+        run_dir.mkdir(parents=True)
+        (run_dir / "eval.csv").write_text(f"step,eval_mean,eval_std,episodes,wall_seconds\n20000,{level},0,10,60\n")
+        with SummaryWriter(str(run_dir)) as writer:  # a game ends every 100 steps, returns level, level + 1, ...
+            for game in range(200):
+                writer.add_scalar("charts/episodic_return", level + game, 100 * (game + 1))
+        run_dirs.append(str(run_dir))
+    out = tmp_path / "report"
+    bench.main(["--from-runs", *run_dirs, "--out", str(out), "--reference", "paper, read off=10000:50,20000:90"])
+    with open(out / "BreakoutNoFrameskip-v4_training.csv") as f:
+        assert len(list(csv.DictReader(f))) == 400
+    # at step 20,000: each seed's games 100..199, mean level + 149.5; seeds 159.5 and 169.5
+    summary = (out / "summary.md").read_text()
+    assert ("- BreakoutNoFrameskip-v4 training return at step 20,000 (each seed's last 100 games, mean ± SE): "
+            "164.5 ± 5.0 over 2 seeds") in summary
+    assert "- beside it, paper, read off: 50 at 10,000, 90 at 20,000" in summary
+    assert (out / "BreakoutNoFrameskip-v4_training.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--from-runs", *run_dirs, "--out", str(out), "--reference", "no points"])
+
+
 def test_speed_comparison_end_to_end(tmp_path):
     """Both programs really run, interleaved, and the report holds their medians and ratio. The dev
     environment has SB3 installed, so it stands in for the reference environment --setup makes."""
