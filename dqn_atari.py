@@ -326,14 +326,14 @@ class Outcome(NamedTuple):
     game_length: int
 
 
-def step_game(game: AtariGame, action: int, final: np.ndarray, first: np.ndarray) -> Outcome:
-    """Steps a training game: its last two raw frames go to `final` and, when its episode ended, the next
-    episode's first frames to `first` (the reset happens here, where the game is)."""
+def step_game(game: AtariGame, action: int, step_frames: np.ndarray, reset_frames: np.ndarray) -> Outcome:
+    """Steps a training game: its last two raw frames go to `step_frames` and, when its episode ended, the next
+    episode's first frames to `reset_frames` (the reset happens here, where the game is)."""
     raw, reward, terminated, truncated, game_over = game.step(action)
-    final[:] = raw
+    step_frames[:] = raw
     outcome = Outcome(reward, terminated, truncated, game_over, game.game_return, game.game_length)
     if terminated or truncated:
-        first[:] = game.reset()
+        reset_frames[:] = game.reset()
     return outcome
 
 
@@ -345,14 +345,14 @@ def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     game = AtariGame(*settings)
-    final, first = frames.numpy()[:, index]
+    step_frames, reset_frames = frames.numpy()[:, index]
     try:
         while True:
             command, argument = connection.recv()
             if command == "step":
-                connection.send(step_game(game, argument, final, first))
+                connection.send(step_game(game, argument, step_frames, reset_frames))
             elif command == "reset":
-                first[:] = game.reset()
+                reset_frames[:] = game.reset()
                 connection.send(None)
             elif command == "state":
                 connection.send(game.state())
@@ -379,7 +379,8 @@ class Games:
     """The training games, stepped together. Game 0 runs in this process and each other game in a worker
     process of its own, all emulating at once: ALE holds Python's GIL while it emulates, so threads would
     take turns. Game k is seeded with seed + k; with one game, this is exactly that game.
-    `final` and `first` (games, 2, 210, 160) hold each game's last step and next episode's first frames."""
+    `step_frames` and `reset_frames` (games, 2, 210, 160) hold each game's last step and next episode's first
+    frames."""
 
     def __init__(self, n: int, env_id: str, seed: int, frame_skip: int, noop_max: int,
                  repeat_action_probability: Optional[float]):
@@ -387,7 +388,7 @@ class Games:
         self.local = AtariGame(*settings[0])
         self.n_actions, self.raw_shape = self.local.n_actions, self.local.raw.shape[1:]
         shared = torch.zeros((2, n, *self.local.raw.shape), dtype=torch.uint8).share_memory_()
-        self.final, self.first = shared.numpy()
+        self.step_frames, self.reset_frames = shared.numpy()
         context = torch.multiprocessing.get_context("spawn")  # a forked child would inherit a CUDA context
         self.connections, self.workers = [], []
         for k in range(1, n):
@@ -432,16 +433,16 @@ class Games:
         self.connections, self.workers = [], []
 
     def reset(self) -> np.ndarray:
-        """Starts every game's first episode; returns `first`."""
+        """Starts every game's first episode; returns `reset_frames`."""
         def reset_local(_):
-            self.first[0] = self.local.reset()
+            self.reset_frames[0] = self.local.reset()
         self._ask_all("reset", [None] * self.n, reset_local)
-        return self.first
+        return self.reset_frames
 
     def step(self, actions: np.ndarray) -> list:
-        """One step of every game; returns their Outcomes (their frames are in `final` and `first`)."""
+        """One step of every game; returns their Outcomes (their frames are in `step_frames` and `reset_frames`)."""
         return self._ask_all("step", [int(action) for action in actions],
-                             lambda action: step_game(self.local, action, self.final[0], self.first[0]))
+                             lambda action: step_game(self.local, action, self.step_frames[0], self.reset_frames[0]))
 
     def states(self) -> list:
         return self._ask_all("state", [None] * self.n, lambda _: self.local.state())
@@ -731,7 +732,7 @@ def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, le
     return f"ETA {(now - since_time) * max(0, total_steps - step) / (step - since_step) / 3600:5.2f}h"
 
 
-def crossed(every: int, before: int, after: int) -> bool:
+def passes_multiple_of(every: int, before: int, after: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]: with several games a step of the loop moves
     the step count by more than one. every = 0: never."""
     return every > 0 and after // every > before // every
@@ -1307,7 +1308,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         with torch.no_grad():  # with one game, the draws of a one-game loop
             actions = epsilon_greedy(q_network, obs, epsilon, n_actions, action_rng, greedy_action)
         outcomes = games.step(actions)
-        frames = preprocess(games.final)
+        frames = preprocess(games.step_frames)
         ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
         for k, outcome in enumerate(outcomes):
             # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
@@ -1321,14 +1322,14 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                 game_returns.append(outcome.game_return)
         obs = frame_stack.push(frames)
         if ended:
-            obs = frame_stack.reset(preprocess(games.first[ended]), ended)
+            obs = frame_stack.reset(preprocess(games.reset_frames[ended]), ended)
 
         for step in range(global_step + 1, global_step + args.num_envs + 1):
             if step > updates_begin_at and step % args.train_frequency == 0:
-                applied = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call
+                loss_and_q = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call
                 if step % LOG_EVERY < args.train_frequency:
-                    if applied is not None:
-                        loss, q_mean = applied[0].item(), applied[1].item()
+                    if loss_and_q is not None:
+                        loss, q_mean = loss_and_q[0].item(), loss_and_q[1].item()
                         if not (math.isfinite(loss) and math.isfinite(q_mean)):
                             diverged = f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
                             break
@@ -1341,9 +1342,9 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             break
         previous_step, global_step = global_step, global_step + args.num_envs
 
-        if crossed(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
+        if passes_multiple_of(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
             last_eval = run_evaluation(global_step).mean()
-        if crossed(args.progress_every, previous_step, global_step):
+        if passes_multiple_of(args.progress_every, previous_step, global_step):
             now = time.time()
             if learning_since is None and global_step > updates_begin_at:
                 learning_since = (now, global_step)
@@ -1352,7 +1353,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                   f"SPS {(global_step - start_step + 1) / (now - start_time):5.0f} | eps {epsilon:.3f} | "
                   f"return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
                   f"{time_left(now, global_step, args.total_timesteps, updates_begin_at, learning_since)}", flush=True)
-        if crossed(args.checkpoint_every, previous_step, global_step) or stop_signal:
+        if passes_multiple_of(args.checkpoint_every, previous_step, global_step) or stop_signal:
             if not all(torch.isfinite(parameter).all() for parameter in q_network.parameters()):
                 diverged = f"at step {global_step:,} the network's weights are not finite"
                 break  # a NaN between two loss reads: the last good checkpoint stays

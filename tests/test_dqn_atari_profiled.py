@@ -25,7 +25,7 @@ REPLACED = {
     "eval_episodes: int = 10",
     "progress_every: int = 10_000",
     '"replay_on_gpu", "track", "wandb_project_name", "wandb_entity"}',
-    "applied = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call",
+    "loss_and_q = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
 }
@@ -49,7 +49,7 @@ ADDED = {
     "eval_episodes: int = 2",
     "progress_every: int = 5_000",
     "batch = replay.sample(args.batch_size)",
-    "applied = update(*batch)  # OverlappedUpdates: None at its first call",
+    "loss_and_q = update(*batch)  # OverlappedUpdates: None at its first call",
     """if getattr(update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped""",
     "if global_step <= updates_begin_at < global_step + args.num_envs:",
 }
