@@ -513,6 +513,12 @@ class FrameStack:
         self.frames = torch.cat([self.frames[:, 1:], frames.unsqueeze(1)], dim=1)
         return self.frames
 
+    def state(self) -> torch.Tensor:
+        return self.frames.cpu()
+
+    def load_state(self, frames: torch.Tensor) -> None:
+        self.frames = frames.to(self.frames.device).view(self.frames.shape)
+
 
 # ---- Replay ------------------------------------------------------------------------------------------------
 
@@ -754,6 +760,12 @@ class TargetSync:
             if self.learner is not None:
                 self.learner.retarget()
             self.syncs += 1
+
+    def state(self) -> tuple:
+        return self.steps, self.syncs
+
+    def load_state(self, state: tuple) -> None:
+        self.steps, self.syncs = state
 
 
 class DeepMindRMSprop(torch.optim.Optimizer):
@@ -1068,6 +1080,79 @@ def set_numpy_global_state(state: tuple) -> None:
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+class RunState:
+    """What a run's next step depends on, and so what a checkpoint holds. pieces() is its one definition:
+    save() and restore() both walk it, so what is written and what is read back cannot drift apart."""
+
+    def __init__(self, args: Args, q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
+                 target_sync: TargetSync, games: Games, frame_stack: FrameStack, action_rng: np.random.Generator,
+                 replay: FrameReplay, learner: Optional[OverlappedUpdates]):
+        self.args, self.q_network, self.target_network, self.optimizer = args, q_network, target_network, optimizer
+        self.target_sync, self.games, self.frame_stack, self.action_rng = target_sync, games, frame_stack, action_rng
+        self.replay, self.learner = replay, learner
+        self.global_step, self.wall_seconds = 0, 0.0  # env steps done, and the wall time they took
+        self.updates_begin_at = args.learning_starts  # updates run at the steps after this one
+        # fixed when the run starts: a resumed run given a longer --total-timesteps keeps its epsilon schedule
+        self.exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+        self.recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
+        self.wandb_run_id = None  # --track: the W&B run a resume goes on in
+
+    def pieces(self) -> dict:
+        """Each piece's name in the checkpoint -> (how it is saved, how it is restored)."""
+        def plain(name):  # a number or a string of this object
+            return (lambda: getattr(self, name)), (lambda value: setattr(self, name, value))
+
+        def fitting(load):  # a network or optimizer of another shape: the user's mistake, said in one line
+            def restore(state):
+                try:
+                    load(state)
+                except (RuntimeError, ValueError, KeyError) as error:
+                    raise ConfigError(f"{self.args.resume} does not fit this network or optimizer "
+                                      f"({str(error).splitlines()[0]})") from None
+            return restore
+
+        with_replay = self.args.checkpoint_replay
+        return {
+            **{name: plain(name) for name in ("global_step", "wall_seconds", "updates_begin_at", "exploration_steps",
+                                              "wandb_run_id")},
+            "q_network": (self.q_network.state_dict, fitting(self.q_network.load_state_dict)),
+            "target_network": (self.target_network.state_dict, fitting(self.target_network.load_state_dict)),
+            "optimizer": (self.optimizer.state_dict,
+                          fitting(lambda state: load_optimizer_state(self.optimizer, state))),
+            "games": (self.games.states, self.games.load_states),
+            "frame_stack": (self.frame_stack.state, self.frame_stack.load_state),
+            "action_rng": (lambda: self.action_rng.bit_generator.state,
+                           lambda state: setattr(self.action_rng.bit_generator, "state", state)),
+            "python_rng": (random.getstate, random.setstate),
+            "numpy_rng": (numpy_global_state, set_numpy_global_state),
+            "torch_rng": (torch.get_rng_state, torch.set_rng_state),
+            "target_sync": (self.target_sync.state, self.target_sync.load_state),
+            "recent_returns": (lambda: list(self.recent_returns), self.recent_returns.extend),
+            "replay": (lambda: self.replay.state() if with_replay else None, self.replay.load_state),
+            # --overlap-updates: the batch of the gradient in flight, taken again (after the networks, so the same
+            # gradient) on resuming with the replay; a resume without it refills the replay and starts afresh
+            "learner_batch": (lambda: self.learner.batch if self.learner is not None and with_replay else None,
+                              lambda batch: self.learner.start(batch) if self.learner is not None else None),
+        }
+
+    def save(self, global_step: int, wall_seconds: float) -> dict:
+        self.global_step, self.wall_seconds = global_step, wall_seconds
+        return {"format": CHECKPOINT_FORMAT, "args": vars(self.args),
+                **{name: save() for name, (save, _) in self.pieces().items()}}
+
+    def restore(self, checkpoint: dict) -> None:
+        """Puts a loaded checkpoint's pieces back, in pieces() order; a piece it lacks (None) stays as made."""
+        for name, (_, restore) in self.pieces().items():
+            if checkpoint.get(name) is not None:
+                restore(checkpoint[name])
+        if checkpoint.get("replay") is None:  # refill before learning again, rather than overfit a near-empty buffer
+            for k in range(self.args.num_envs):
+                self.replay.start_mid_episode(self.frame_stack.frames[k], stream=k)
+            self.updates_begin_at = max(self.updates_begin_at, self.global_step + self.args.learning_starts)
+            print(f"the checkpoint has no replay: collecting {self.args.learning_starts:,} steps before updates "
+                  "resume", flush=True)
+
+
 def flags_given(argv: list[str]) -> set[str]:
     """Names of the Args fields set on this command line (tyro spells them --env-id or --no-cuda)."""
     names = set()
@@ -1203,44 +1288,20 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     action_rng = np.random.default_rng(action_stream)
     frame_stack = FrameStack(args.num_envs, device)
 
-    start_step, updates_begin_at, wall_before = 1, args.learning_starts, 0.0
-    # fixed when the run starts: a resumed run given a longer --total-timesteps keeps its epsilon schedule
-    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    state = RunState(args, q_network, target_network, optimizer, target_sync, games, frame_stack, action_rng,
+                     replay, learner)
     if checkpoint is not None:
-        try:
-            q_network.load_state_dict(checkpoint["q_network"])
-            target_network.load_state_dict(checkpoint["target_network"])
-            load_optimizer_state(optimizer, checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ConfigError(f"{args.resume} does not fit this network or optimizer ({str(error).splitlines()[0]})")
-        games.load_states(checkpoint["games"])
-        frame_stack.frames = checkpoint["frame_stack"].to(device).view(args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE)
-        action_rng.bit_generator.state = checkpoint["action_rng"]
-        random.setstate(checkpoint["python_rng"])
-        set_numpy_global_state(checkpoint["numpy_rng"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        target_sync.steps, target_sync.syncs = checkpoint["target_sync"]
-        start_step, wall_before = checkpoint["global_step"] + 1, checkpoint["wall_seconds"]
-        exploration_steps = checkpoint["exploration_steps"]
-        if checkpoint.get("replay") is not None:
-            replay.load_state(checkpoint["replay"])
-            updates_begin_at = checkpoint["updates_begin_at"]
-            if learner is not None and checkpoint.get("learner_batch") is not None:
-                learner.start(checkpoint["learner_batch"])  # from the restored networks: the same gradient
-        else:  # no replay saved: refill before learning again, rather than overfit a near-empty buffer
-            for k in range(args.num_envs):
-                replay.start_mid_episode(frame_stack.frames[k], stream=k)
-            updates_begin_at = max(checkpoint["updates_begin_at"], checkpoint["global_step"] + args.learning_starts)
-            print(f"the checkpoint has no replay: collecting {args.learning_starts:,} steps before updates "
-                  "resume", flush=True)
+        state.restore(checkpoint)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
-        print(f"resuming {run_dir} at step {start_step - 1:,}", flush=True)
+        print(f"resuming {run_dir} at step {state.global_step:,}", flush=True)
     else:
         run_dir = make_run_dir(args)
+    start_step, wall_before = state.global_step + 1, state.wall_seconds
+    updates_begin_at, exploration_steps = state.updates_begin_at, state.exploration_steps
 
     resume_step = start_step - 1 if checkpoint is not None else None
-    wandb_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None else None  # a resume goes on in it
-    tracking = start_tracking(args, run_dir, wandb_run_id) if args.track else None
+    tracking = start_tracking(args, run_dir, state.wandb_run_id) if args.track else None
+    state.wandb_run_id = tracking.id if tracking is not None else None
     writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint is not None else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
@@ -1266,22 +1327,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         return returns
 
     def write_checkpoint(step: int) -> None:
-        save_atomically({
-            "format": CHECKPOINT_FORMAT, "args": vars(args), "global_step": step,
-            "wall_seconds": wall_before + time.time() - start_time, "updates_begin_at": updates_begin_at,
-            "exploration_steps": exploration_steps,
-            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(), "target_sync": (target_sync.steps, target_sync.syncs),
-            "games": games.states(), "frame_stack": frame_stack.frames.cpu(),
-            "action_rng": action_rng.bit_generator.state, "python_rng": random.getstate(),
-            "numpy_rng": numpy_global_state(), "torch_rng": torch.get_rng_state(),
-            "replay": replay.state() if args.checkpoint_replay else None,
-            # --overlap-updates: the batch of the gradient in flight, taken again on resuming with the replay (a
-            # resume without it refills the replay and starts afresh)
-            "learner_batch": learner.batch if learner is not None and args.checkpoint_replay else None,
-            "recent_returns": list(recent_returns),
-            "wandb_run_id": tracking.id if tracking is not None else None,
-        }, checkpoint_path)
+        save_atomically(state.save(step, wall_before + time.time() - start_time), checkpoint_path)
 
     # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
     stop_signal = []
@@ -1289,8 +1335,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     game_returns = []
-    # the progress line's last 100 training games go on across a resume (a checkpoint older than this: empty)
-    recent_returns = deque(checkpoint.get("recent_returns", []) if checkpoint is not None else [], maxlen=100)
+    recent_returns = state.recent_returns  # the progress line's last 100 training games, across a resume
     last_eval = float("nan")
     if checkpoint is None:
         obs = frame_stack.reset(preprocess(games.reset()))
