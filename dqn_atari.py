@@ -1231,6 +1231,22 @@ def open_eval_csv(run_dir: str, resume_step: Optional[int]):
     return eval_file, csv.writer(eval_file)
 
 
+def make_updater(args: Args, q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, use_graphs: bool):
+    """The update the loop calls, and the learner thread that runs it, if any: td_update, replayed as a CUDA graph
+    on CUDA; with --overlap-updates on the CPU, OverlappedUpdates, which is both."""
+    if args.overlap_updates and device.type == "cpu":
+        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        learner = OverlappedUpdates(
+            lambda batch, targets: td_gradients(q_network, optimizer, batch[0], batch[1], targets,
+                                                args.max_grad_norm, args.bf16),
+            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16), optimizer)
+        return learner, learner
+    return CudaGraphed(lambda *batch: td_update(q_network, target_network, optimizer, batch, args.gamma,
+                                                args.max_grad_norm, args.bf16), use_graphs), None
+
+
 def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir and replay."""
     checkpoint = None
@@ -1266,18 +1282,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     # CUDA graphs: an update is ~100 small kernels and a greedy action ~10; one launch each instead
     use_graphs = args.cuda_graphs and device.type == "cuda"
     optimizer = make_optimizer(args, q_network, capturable=use_graphs)
-    learner = None
-    if args.overlap_updates and device.type == "cpu":
-        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-        learner = OverlappedUpdates(
-            lambda batch, targets: td_gradients(q_network, optimizer, batch[0], batch[1], targets,
-                                                args.max_grad_norm, args.bf16),
-            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16), optimizer)
-        update = learner
-    else:
-        update = CudaGraphed(lambda *batch: td_update(q_network, target_network, optimizer, batch, args.gamma,
-                                                      args.max_grad_norm, args.bf16), use_graphs)
+    update, learner = make_updater(args, q_network, target_network, optimizer, device, use_graphs)
     target_sync = TargetSync(q_network, target_network, args.target_network_frequency, learner)
     greedy_action = CudaGraphed(lambda obs: q_network(obs).argmax(dim=1), use_graphs)
     # streams of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
