@@ -105,7 +105,7 @@ class ConfigError(Exception):
 
 
 class TrainingDiverged(Exception):
-    """The loss stopped being finite: the run stops, one line, and saves no model of NaNs."""
+    """Training stopped being finite: the run stops in one line, and writes no model or checkpoint of NaNs."""
 
 
 def check_args(args: Args) -> None:
@@ -365,7 +365,8 @@ def load_model(path: str, obs_dim: int, n_actions: int, device: torch.device) ->
 
 
 def make_run_dir(args: Args) -> str:
-    base = os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    name = args.env_id.replace("/", "-")
+    base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir, suffix = base, 1
     while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
         run_dir, suffix = f"{base}-{suffix}", suffix + 1

@@ -140,7 +140,7 @@ class ConfigError(Exception):
 
 
 class TrainingDiverged(Exception):
-    """The loss or the weights stopped being finite: the run stops, one line, before any checkpoint of NaNs."""
+    """Training stopped being finite: the run stops in one line, and writes no model or checkpoint of NaNs."""
 
 
 def check_args(args: Args) -> None:
