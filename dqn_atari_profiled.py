@@ -680,7 +680,7 @@ class FrameReplay:
     slots, redrawing the few invalid ones; the frames live in pinned memory on CUDA so a batch is copied
     to the device asynchronously.
 
-    With several training games (`streams`), each game writes to a ring of its own, capacity // streams
+    With several training games (`games`), each game writes to a ring of its own, capacity // games
     slots, so its stacks stay contiguous; a batch draws from all the rings alike.
     """
 
@@ -688,9 +688,9 @@ class FrameReplay:
     FIELDS = {"actions": np.int64, "rewards": np.float32, "terminated": np.bool_, "history": np.uint8,
               "starts_transition": np.bool_}
 
-    def __init__(self, capacity: int, device: torch.device, seed, streams: int = 1, on_device: bool = False):
-        self.streams, self.ring = streams, capacity // streams
-        capacity = self.ring * streams
+    def __init__(self, capacity: int, device: torch.device, seed, games: int = 1, on_device: bool = False):
+        self.games, self.ring = games, capacity // games
+        capacity = self.ring * games
         slot_bytes = FRAME_SIZE * FRAME_SIZE + sum(np.dtype(dtype).itemsize for dtype in self.FIELDS.values())
         needed = capacity * slot_bytes
         on_device = on_device and device.type == "cuda"
@@ -707,9 +707,9 @@ class FrameReplay:
         for name, dtype in self.FIELDS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         # per ring: the next slot to write (its oldest once full), the slots filled, the current episode's steps
-        self.positions = np.zeros(streams, dtype=np.int64)
-        self.sizes = np.zeros(streams, dtype=np.int64)
-        self.episode_steps = np.zeros(streams, dtype=np.int64)
+        self.positions = np.zeros(games, dtype=np.int64)
+        self.sizes = np.zeros(games, dtype=np.int64)
+        self.episode_steps = np.zeros(games, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
         self.staging = torch.empty((0,), dtype=torch.uint8, pin_memory=self.pinned)
         self.copy_done = None
@@ -720,35 +720,35 @@ class FrameReplay:
         """Slots filled, over all rings."""
         return int(self.sizes.sum())
 
-    def _write(self, frame: torch.Tensor, starts_transition: bool, stream: int) -> int:
-        i = stream * self.ring + int(self.positions[stream])
+    def _write(self, frame: torch.Tensor, starts_transition: bool, game: int) -> int:
+        i = game * self.ring + int(self.positions[game])
         self.frames[i].copy_(frame)
-        self.history[i] = min(self.episode_steps[stream], STACK - 1)
+        self.history[i] = min(self.episode_steps[game], STACK - 1)
         self.starts_transition[i] = starts_transition
-        self.positions[stream] = (self.positions[stream] + 1) % self.ring
-        self.sizes[stream] = min(self.sizes[stream] + 1, self.ring)
+        self.positions[game] = (self.positions[game] + 1) % self.ring
+        self.sizes[game] = min(self.sizes[game] + 1, self.ring)
         return i
 
     def add(self, frame: torch.Tensor, action: int, reward: float, terminated: bool,
-            episode_end: bool, next_frame: torch.Tensor, stream: int = 0) -> int:
-        """Stores (s_t's newest frame, a_t, r_t, terminated) in the ring of training game `stream`; at an
+            episode_end: bool, next_frame: torch.Tensor, game: int = 0) -> int:
+        """Stores (s_t's newest frame, a_t, r_t, terminated) in the ring of training game `game`; at an
         episode's end also s_{t+1}'s final frame. Returns the slot of the transition."""
-        i = self._write(frame, True, stream)
+        i = self._write(frame, True, game)
         self.actions[i], self.rewards[i], self.terminated[i] = action, reward, terminated
-        self.episode_steps[stream] += 1
+        self.episode_steps[game] += 1
         if episode_end:
-            self._write(next_frame, False, stream)
-            self.episode_steps[stream] = 0
+            self._write(next_frame, False, game)
+            self.episode_steps[game] = 0
         return i
 
-    def start_mid_episode(self, stack: torch.Tensor, stream: int = 0) -> None:
+    def start_mid_episode(self, stack: torch.Tensor, game: int = 0) -> None:
         """An empty ring whose game is mid-episode (a resume without the replay): the older frames of the agent's
         current stack are stored first, as slots no transition starts at, so the next stacks rebuilt are the
         ones the agent saw rather than one frame repeated."""
         for older in range(STACK - 1):
-            self.episode_steps[stream] = older
-            self._write(stack[older], False, stream)
-        self.episode_steps[stream] = STACK - 1
+            self.episode_steps[game] = older
+            self._write(stack[older], False, game)
+        self.episode_steps[game] = STACK - 1
 
     def shift(self, idx: np.ndarray, by) -> np.ndarray:
         """The slots `by` places after idx (before, if negative), each within its own ring."""
@@ -756,8 +756,8 @@ class FrameReplay:
         return ring_start + (idx - ring_start + by) % self.ring
 
     def valid(self, idx: np.ndarray) -> np.ndarray:
-        stream, offset = np.divmod(idx, self.ring)
-        position, size = self.positions[stream], self.sizes[stream]
+        game, offset = np.divmod(idx, self.ring)
+        position, size = self.positions[game], self.sizes[game]
         newest = (position - 1) % self.ring
         # the intact slots older than i (all of the ring's start..i-1 until it is full): the stack needs history[i]
         intact_behind = np.where(size < self.ring, offset, (offset - position) % self.ring)
@@ -768,7 +768,7 @@ class FrameReplay:
         """Slots drawn with randint over every ring's first max(sizes) slots (the filled ones, and with several
         rings a few not yet filled, which valid() refuses)."""
         filled = int(self.sizes.max())
-        flat = self.rng.integers(0, self.streams * filled, size=count)
+        flat = self.rng.integers(0, self.games * filled, size=count)
         return flat // filled * self.ring + flat % filled
 
     def sample_indices(self, batch_size: int) -> np.ndarray:
@@ -1288,7 +1288,7 @@ class RunState:
                 restore(checkpoint[name])
         if checkpoint.get("replay") is None:  # refill before learning again, rather than overfit a near-empty buffer
             for k in range(self.args.num_envs):
-                self.replay.start_mid_episode(self.frame_stack.frames[k], stream=k)
+                self.replay.start_mid_episode(self.frame_stack.frames[k], game=k)
             self.updates_begin_at = max(self.updates_begin_at, self.global_step + self.args.learning_starts)
             print(f"the checkpoint has no replay: collecting {self.args.learning_starts:,} steps before updates "
                   "resume", flush=True)
@@ -1426,12 +1426,12 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     update, learner = make_updater(args, q_network, target_network, optimizer, device, use_graphs)
     target_sync = TargetSync(q_network, target_network, args.target_network_frequency, learner)
     greedy_action = CudaGraphed(lambda obs: q_network(obs).argmax(dim=1), use_graphs)
-    # streams of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
-    replay_stream, action_stream = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_stream, streams=args.num_envs, on_device=args.replay_on_gpu)
+    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
     print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
           f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
-    action_rng = np.random.default_rng(action_stream)
+    action_rng = np.random.default_rng(action_seed)
     frame_stack = FrameStack(args.num_envs, device)
 
     state = RunState(args, q_network, target_network, optimizer, target_sync, games, frame_stack, action_rng,
@@ -1525,7 +1525,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
             # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
             replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated,
-                       k in ended, frames[k], stream=k)
+                       k in ended, frames[k], game=k)
             PHASES.lap("replay add")
             if outcome.game_over:
                 writer.add_scalar("charts/episodic_return", outcome.game_return, global_step + k + 1)

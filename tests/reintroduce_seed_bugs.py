@@ -38,8 +38,8 @@ BUGS = {
          "reward * args.reward_scale, next_obs, terminated or truncated)"),
     ],
     "dqn_atari.py": LEARNER + [
-        (CHOICE, "flat = self.rng.integers(0, self.streams * filled, size=count)",
-         "flat = np.random.choice(self.streams * filled, count, replace=False)"),
+        (CHOICE, "flat = self.rng.integers(0, self.games * filled, size=count)",
+         "flat = np.random.choice(self.games * filled, count, replace=False)"),
         ("float64 replay", "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8",
          "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.float64"),
         ("batch built from a list of arrays", "stacks = self.frames.index_select(0, flat_slots.to(self.frames.device))",

@@ -171,22 +171,22 @@ def frame_ids(stacks: torch.Tensor) -> np.ndarray:
     return (stacks[..., 0, 0].long() * 256 + stacks[..., 0, 1].long()).numpy()
 
 
-@pytest.mark.parametrize("streams", [1, 3])
-def test_frame_replay_matches_a_naive_replay_of_full_stacks(streams):
+@pytest.mark.parametrize("games", [1, 3])
+def test_frame_replay_matches_a_naive_replay_of_full_stacks(games):
     """Random episodes of random lengths, ending terminated or truncated, through many wrap-arounds. Naive:
     every transition with its full (s, a, r, s', terminated) stacks, as FrameStack built them. Every slot the
     replay calls valid must give exactly the naive transition, and every transition whose frames are all
-    still in its ring (s' included) must be valid. With several streams (training games), their steps
-    interleave at random, as the games' do, and each stream keeps to a ring of its own."""
+    still in its ring (s' included) must be valid. With several games (training games), their steps
+    interleave at random, as the games' do, and each game keeps to a ring of its own."""
     ring = 37
-    replay = atari.FrameReplay(ring * streams, CPU, seed=0, streams=streams)
+    replay = atari.FrameReplay(ring * games, CPU, seed=0, games=games)
     rng = np.random.default_rng(0)
     naive, slot_of = [], {}
-    written = [0] * streams  # frames written per stream; a frame's id is its write number * streams + stream
-    episode = [None] * streams  # per stream: (stack, steps taken, length, ends terminated)
+    written = [0] * games  # frames written per game; a frame's id is its write number * games + game
+    episode = [None] * games  # per game: (stack, steps taken, length, ends terminated)
     episodes_done = 0
-    while episodes_done < 120 * streams:
-        k = int(rng.integers(streams))
+    while episodes_done < 120 * games:
+        k = int(rng.integers(games))
         if episode[k] is None:
             episode[k] = ([written[k]] * atari.STACK, 0, int(rng.integers(1, 12)), bool(rng.integers(2)))
         stack, t, length, terminated_end = episode[k]
@@ -194,8 +194,8 @@ def test_frame_replay_matches_a_naive_replay_of_full_stacks(streams):
         end = t == length - 1
         terminated = end and terminated_end
         next_stack = stack[1:] + [written[k] + 1]
-        slot = replay.add(frame_with_id(stack[-1] * streams + k), action, reward, terminated, end,
-                          frame_with_id(next_stack[-1] * streams + k), stream=k)
+        slot = replay.add(frame_with_id(stack[-1] * games + k), action, reward, terminated, end,
+                          frame_with_id(next_stack[-1] * games + k), game=k)
         written[k] += 2 if end else 1
         naive.append((k, stack, action, reward, next_stack, terminated))
         slot_of[slot] = len(naive) - 1
@@ -210,12 +210,12 @@ def test_frame_replay_matches_a_naive_replay_of_full_stacks(streams):
             idx = np.array(sorted(valid))
             obs, actions, rewards, next_obs, terminated = replay.sample(len(idx), idx=idx)
             expected = [naive[slot_of[i]] for i in idx]
-            assert frame_ids(obs).tolist() == [[n * streams + e[0] for n in e[1]] for e in expected]
-            assert frame_ids(next_obs).tolist() == [[n * streams + e[0] for n in e[4]] for e in expected]
+            assert frame_ids(obs).tolist() == [[n * games + e[0] for n in e[1]] for e in expected]
+            assert frame_ids(next_obs).tolist() == [[n * games + e[0] for n in e[4]] for e in expected]
             assert actions.tolist() == [e[2] for e in expected]
             assert rewards.tolist() == [e[3] for e in expected]
             assert terminated.tolist() == [float(e[5]) for e in expected]
-    assert all(slot // ring == naive[n][0] for slot, n in slot_of.items()), "each stream in its own ring"
+    assert all(slot // ring == naive[n][0] for slot, n in slot_of.items()), "each game in its own ring"
     sampled = replay.sample_indices(5000)
     assert replay.valid(sampled).all() and set(sampled.tolist()) == valid, "randint reaches every valid slot"
 
