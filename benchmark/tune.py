@@ -166,7 +166,7 @@ class Config:
     def on_database(self) -> bool:
         """A database records heartbeats, so a dead worker's trial can be told from a running one; a journal
         file cannot."""
-        return "://" in self.storage
+        return is_database_url(self.storage)
 
     def describe(self) -> dict:
         """What defines the study: a later invocation must agree on all of it to add trials."""
@@ -183,9 +183,14 @@ def score(curves: list, objective: str, evals: int) -> float:
     return sum(per_seed) / len(per_seed)
 
 
+def is_database_url(spec: str) -> bool:
+    """--storage names a database by an Optuna storage URL, and a journal file by a path."""
+    return "://" in spec
+
+
 def shown_storage(spec: str) -> str:
     """The storage as errors and reports show it: a URL's password masked (summary.md is committed, logs shared)."""
-    if "://" not in spec:
+    if not is_database_url(spec):
         return spec
     import sqlalchemy.engine
 
@@ -204,7 +209,7 @@ def open_storage(spec: str, heartbeat: int = 60):
     from optuna.storages.journal import JournalFileBackend
 
     try:
-        if "://" not in spec:
+        if not is_database_url(spec):
             return optuna.storages.JournalStorage(JournalFileBackend(spec))
         for attempt in range(3):
             try:
