@@ -1221,16 +1221,21 @@ def set_numpy_global_state(state: tuple) -> None:
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-class RunState:
-    """What a run's next step depends on, and so what a checkpoint holds. pieces() is its one definition:
-    save() and restore() both walk it, so what is written and what is read back cannot drift apart."""
+class Run:
+    """A run: the objects its steps use, made by build_run, and how far it has got. pieces() names what its next
+    step depends on, and so what a checkpoint holds: save() and restore() both walk it, so what is written and
+    what is read back cannot drift apart."""
 
-    def __init__(self, args: Args, q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
-                 target_sync: TargetSync, games: Games, frame_stack: FrameStack, action_rng: np.random.Generator,
-                 replay: FrameReplay, learner: Optional[OverlappedUpdates]):
-        self.args, self.q_network, self.target_network, self.optimizer = args, q_network, target_network, optimizer
-        self.target_sync, self.games, self.frame_stack, self.action_rng = target_sync, games, frame_stack, action_rng
-        self.replay, self.learner = replay, learner
+    def __init__(self, args: Args, device: torch.device, games: Games, preprocess: FramePreprocessor,
+                 evaluate: Evaluator, q_network: nn.Module, target_network: nn.Module,
+                 optimizer: torch.optim.Optimizer, update, learner: Optional[OverlappedUpdates],
+                 target_sync: TargetSync, greedy_action: CudaGraphed, replay: FrameReplay,
+                 action_rng: np.random.Generator, frame_stack: FrameStack, threads_before: int):
+        self.args, self.device, self.games, self.preprocess, self.evaluate = args, device, games, preprocess, evaluate
+        self.q_network, self.target_network, self.optimizer = q_network, target_network, optimizer
+        self.update, self.learner, self.target_sync, self.greedy_action = update, learner, target_sync, greedy_action
+        self.replay, self.action_rng, self.frame_stack = replay, action_rng, frame_stack
+        self.threads_before = threads_before  # torch's thread count before this run changed it
         self.global_step, self.wall_seconds = 0, 0.0  # env steps done, and the wall time they took
         self.updates_begin_at = args.learning_starts  # updates run at the steps after this one
         # fixed when the run starts: a resumed run given a longer --total-timesteps keeps its epsilon schedule
@@ -1292,6 +1297,13 @@ class RunState:
             self.updates_begin_at = max(self.updates_begin_at, self.global_step + self.args.learning_starts)
             print(f"the checkpoint has no replay: collecting {self.args.learning_starts:,} steps before updates "
                   "resume", flush=True)
+
+    def close(self) -> None:
+        """Stops the game workers and the learner thread, and gives torch back its thread count."""
+        self.games.close()
+        if self.learner is not None:
+            self.learner.close()
+        torch.set_num_threads(self.threads_before)
 
 
 def flags_given(argv: list[str]) -> set[str]:
@@ -1388,21 +1400,25 @@ def make_updater(args: Args, q_network: nn.Module, target_network: nn.Module, op
                                                 args.max_grad_norm, args.bf16), use_graphs), None
 
 
-def train(args: Args, argv: Optional[list[str]] = None) -> dict:
-    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir and replay."""
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        args = resumed_args(args, checkpoint, flags_given(argv or []))
-        # a run of this length stops after the pass that reaches total_timesteps; a checkpoint past that is a
-        # typo, and resuming it would drop the eval rows and tensorboard events after the checkpoint's step
-        last_step = -(-args.total_timesteps // args.num_envs) * args.num_envs
-        if checkpoint["global_step"] > last_step:
-            raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
-                              f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
-    check_args(args)
-    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
+    """--resume: the checkpoint, and the flags to continue it with (its own, but for those RESUMABLE ones this
+    command line gives); without --resume, the flags as given and no checkpoint."""
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    args = resumed_args(args, checkpoint, flags_given(argv))
+    # a run of this length stops after the pass that reaches total_timesteps; a checkpoint past that is a
+    # typo, and resuming it would drop the eval rows and tensorboard events after the checkpoint's step
+    last_step = -(-args.total_timesteps // args.num_envs) * args.num_envs
+    if checkpoint["global_step"] > last_step:
+        raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
+                          f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
+    return args, checkpoint
 
+
+def build_run(args: Args) -> Run:
+    """Seeds, then makes a fresh run at step 0: the games, preprocessing and evaluation, the two networks, the
+    optimizer and its update (plain, CUDA-graphed or overlapped), the target sync and the replay."""
     seed_everything(args.seed, args.torch_deterministic)
     threads_before = torch.get_num_threads()
     if args.num_envs > 1:  # torch's threads spinning on every core would starve the workers' emulators
@@ -1412,12 +1428,11 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
                   args.repeat_action_probability)
-    n_actions = games.n_actions
     preprocess = FramePreprocessor(games.raw_shape, device)
     evaluate = Evaluator(args, preprocess, args.seed + 10_000)
 
-    q_network = QNetwork(n_actions).to(device)
-    target_network = QNetwork(n_actions).to(device)
+    q_network = QNetwork(games.n_actions).to(device)
+    target_network = QNetwork(games.n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_network.requires_grad_(False)
     # CUDA graphs: an update is ~100 small kernels and a greedy action ~10; one launch each instead
@@ -1431,106 +1446,168 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
     print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
           f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
-    action_rng = np.random.default_rng(action_seed)
-    frame_stack = FrameStack(args.num_envs, device)
+    return Run(args, device, games, preprocess, evaluate, q_network, target_network, optimizer, update, learner,
+               target_sync, greedy_action, replay, np.random.default_rng(action_seed),
+               FrameStack(args.num_envs, device), threads_before)
 
-    state = RunState(args, q_network, target_network, optimizer, target_sync, games, frame_stack, action_rng,
-                     replay, learner)
-    if checkpoint is not None:
-        state.restore(checkpoint)
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        print(f"resuming {run_dir} at step {state.global_step:,}", flush=True)
-    else:
-        run_dir = make_run_dir(args)
-    start_step, wall_before = state.global_step + 1, state.wall_seconds
-    updates_begin_at, exploration_steps = state.updates_begin_at, state.exploration_steps
 
-    resume_step = start_step - 1 if checkpoint is not None else None
-    tracking = start_tracking(args, run_dir, state.wandb_run_id) if args.track else None
-    state.wandb_run_id = tracking.id if tracking is not None else None
-    writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint is not None else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                        "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-    eval_file, eval_csv = open_eval_csv(run_dir, resume_step)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+class RunLog:
+    """A run's directory and what goes into it: tensorboard events (CleanRL's charts/ and losses/ names, and
+    eval/), eval.csv, checkpoint.pt, the GIFs of --capture-video and, with --track, a W&B run. A resumed run
+    writes on in its own directory, and its clock goes on from the wall time its checkpoint kept."""
 
-    def run_evaluation(step: int) -> np.ndarray:
-        video = [] if args.capture_video else None
-        returns = evaluate(q_network, step, video)
-        writer.add_scalar("eval/episodic_return", returns.mean(), step)
-        eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
-                           f"{wall_before + time.time() - start_time:.2f}"])
-        eval_file.flush()
+    def __init__(self, args: Args, run: Run, resumed: bool):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+        self.args = args
+        if resumed:
+            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
+            print(f"resuming {self.run_dir} at step {run.global_step:,}", flush=True)
+        else:
+            self.run_dir = make_run_dir(args)
+        self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
+        self.last_checkpoint_step = run.global_step if resumed else None
+        self.tracking = start_tracking(args, self.run_dir, run.wandb_run_id) if args.track else None
+        run.wandb_run_id = self.tracking.id if self.tracking is not None else None
+        self.writer = SummaryWriter(self.run_dir, purge_step=run.global_step + 1 if resumed else None)
+        if not resumed:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                                 "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+        self.eval_file, self.eval_csv = open_eval_csv(self.run_dir, run.global_step if resumed else None)
+        self.wall_before, self.start_step = run.wall_seconds, run.global_step + 1
+        self.last_eval = float("nan")
+        self.learning_since = None  # (time, step) of the first progress line with updates running: the ETA's rate
+
+    def start_clock(self) -> None:
+        self.start_time = time.time()
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.time() - self.start_time
+
+    def steps_per_second(self, step: int, now: float) -> float:
+        """This process's env steps per second, up to `step`."""
+        return (step - self.start_step + 1) / (now - self.start_time)
+
+    def game_over(self, outcome: Outcome, step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", outcome.game_return, step)
+        self.writer.add_scalar("charts/episodic_length", outcome.game_length, step)
+
+    def update(self, step: int, loss_and_q, epsilon: float) -> str:
+        """The TD loss, the mean Q-value, epsilon and SPS at `step`; returns what went non-finite, if anything."""
+        if loss_and_q is not None:
+            loss, q_mean = loss_and_q[0].item(), loss_and_q[1].item()
+            if not (math.isfinite(loss) and math.isfinite(q_mean)):
+                return f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+            self.writer.add_scalar("losses/td_loss", loss, step)
+            self.writer.add_scalar("losses/q_values", q_mean, step)
+        self.writer.add_scalar("charts/epsilon", epsilon, step)
+        self.writer.add_scalar("charts/SPS", int(self.steps_per_second(step, time.time())), step)
+        return ""
+
+    def evaluate(self, run: Run, step: int) -> np.ndarray:
+        """Plays the evaluation games (Evaluator) and writes their returns, and with --capture-video a GIF."""
+        video = [] if self.args.capture_video else None
+        returns = run.evaluate(run.q_network, step, video)
+        self.last_eval = returns.mean()
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
+                                f"{self.wall_seconds():.2f}"])
+        self.eval_file.flush()
         if video:
-            os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-            gif_path = os.path.join(run_dir, "videos", f"eval_step{step}.gif")
+            os.makedirs(os.path.join(self.run_dir, "videos"), exist_ok=True)
+            gif_path = os.path.join(self.run_dir, "videos", f"eval_step{step}.gif")
             write_gif(gif_path, video)
-            if tracking is not None:
+            if self.tracking is not None:
                 import wandb  # imported by start_tracking
 
-                tracking.log({"videos/eval": wandb.Video(gif_path, format="gif"), "global_step": step})
+                self.tracking.log({"videos/eval": wandb.Video(gif_path, format="gif"), "global_step": step})
         return returns
 
-    def write_checkpoint(step: int) -> None:
-        save_atomically(state.save(step, wall_before + time.time() - start_time), checkpoint_path)
+    def progress(self, run: Run, step: int, epsilon: float) -> None:
+        now = time.time()
+        if self.learning_since is None and step > run.updates_begin_at:
+            self.learning_since = (now, step)
+        recent = np.mean(run.recent_returns) if run.recent_returns else float("nan")
+        eta = time_left(now, step, self.args.total_timesteps, run.updates_begin_at, self.learning_since)
+        print(f"step {step:>9}/{self.args.total_timesteps} | SPS {self.steps_per_second(step, now):5.0f} | "
+              f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {self.last_eval:7.2f} | {eta}", flush=True)
 
+    def checkpoint(self, run: Run, step: int) -> None:
+        save_atomically(run.save(step, self.wall_seconds()), self.checkpoint_path)
+        self.last_checkpoint_step = step
+
+    def save_model(self, run: Run) -> None:
+        model_path = os.path.join(self.run_dir, f"{self.args.exp_name}.pt")
+        save_atomically({"state_dict": run.q_network.state_dict(), "env_id": self.args.env_id,
+                         "n_actions": run.games.n_actions}, model_path)
+        print(f"model saved to {model_path}")
+
+    def close(self, diverged: str) -> None:
+        self.eval_file.close()
+        self.writer.close()
+        if self.tracking is not None:
+            self.tracking.finish(exit_code=1 if diverged else 0)
+
+
+def train(args: Args, argv: Optional[list[str]] = None) -> dict:
+    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir and replay."""
+    args, checkpoint = read_resume(args, argv or [])
+    check_args(args)
+    run = build_run(args)
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    log = RunLog(args, run, resumed=checkpoint is not None)
+    games, preprocess, replay, frame_stack = run.games, run.preprocess, run.replay, run.frame_stack
+    q_network = run.q_network
     # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
     stop_signal = []
     previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    game_returns = []
-    recent_returns = state.recent_returns  # the progress line's last 100 training games, across a resume
-    last_eval = float("nan")
-    if checkpoint is None:
-        obs = frame_stack.reset(preprocess(games.reset()))
-    else:
-        obs = frame_stack.frames
-    recorders = start_py_spy(run_dir) if args.py_spy else []
+    obs = frame_stack.reset(preprocess(games.reset())) if checkpoint is None else frame_stack.frames
+    game_returns, final_returns = [], None
+    diverged = ""  # what went non-finite, and when
+    global_step = run.global_step  # steps done; a resumed run may have nothing left to do
+    recorders = start_py_spy(log.run_dir) if args.py_spy else []
     torch_profiler = None
     if args.torch_profiler:  # 5 updates skipped, 2 warming up, 10 traced
         activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        trace_path = os.path.join(run_dir, "torch_trace.json")
+            [torch.profiler.ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+        trace_path = os.path.join(log.run_dir, "torch_trace.json")
         torch_profiler = torch.profiler.profile(
             activities=activities, schedule=torch.profiler.schedule(wait=5, warmup=2, active=10, repeat=1),
             on_trace_ready=lambda profiler: profiler.export_chrome_trace(trace_path), record_shapes=True)
         torch_profiler.start()
-    start_time = time.time()
-    PHASES.start(device)
-    profiled_from = start_step
-    final_returns = None
-    diverged = ""  # what went non-finite, and when
-    learning_since = None  # (time, step) of the first progress line with updates running: the ETA's rate
-    last_checkpoint_step = start_step - 1 if checkpoint is not None else None
-    global_step = start_step - 1  # steps done; a resumed run may have nothing left to do
+    log.start_clock()
+    PHASES.start(run.device)
+    profiled_from = log.start_step
     while global_step < args.total_timesteps:
-        if global_step <= updates_begin_at < global_step + args.num_envs:
+        if global_step <= run.updates_begin_at < global_step + args.num_envs:
             # updates begin in this pass: the table times the learning phase (what speed.py measures),
             # not the collection before it, which has no updates and would dilute their share
-            PHASES.start(device)
+            PHASES.start(run.device)
             profiled_from = global_step + 1
-        # this pass steps every game once: env steps global_step + 1 .. global_step + num_envs
-        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step + 1)
-        with torch.no_grad():  # with one game, the draws of a one-game loop
-            actions = epsilon_greedy(q_network, obs, epsilon, n_actions, action_rng, greedy_action)
+        # act: epsilon-greedy, epsilon annealed linearly; this pass steps every game once (env steps
+        # global_step + 1 .. global_step + num_envs), and with one game draws as a one-game loop
+        epsilon = linear_schedule(args.start_e, args.end_e, run.exploration_steps, global_step + 1)
+        with torch.no_grad():
+            actions = epsilon_greedy(q_network, obs, epsilon, games.n_actions, run.action_rng, run.greedy_action)
         PHASES.lap("action selection")
+        # step the games (each repeats its action frame_skip times) and preprocess their frames on the device
         outcomes = games.step(actions)
         PHASES.lap("env step")
         frames = preprocess(games.step_frames)
         PHASES.lap("preprocessing")
         ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
         for k, outcome in enumerate(outcomes):
-            # Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation the
-            # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
+            # store. Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation
+            # the final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
             replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated,
                        k in ended, frames[k], game=k)
             PHASES.lap("replay add")
             if outcome.game_over:
-                writer.add_scalar("charts/episodic_return", outcome.game_return, global_step + k + 1)
-                writer.add_scalar("charts/episodic_length", outcome.game_length, global_step + k + 1)
-                recent_returns.append(outcome.game_return)
+                log.game_over(outcome, global_step + k + 1)
+                run.recent_returns.append(outcome.game_return)
                 game_returns.append(outcome.game_return)
                 PHASES.lap("logging")
         obs = frame_stack.push(frames)
@@ -1538,55 +1615,43 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             obs = frame_stack.reset(preprocess(games.reset_frames[ended]), ended)
         PHASES.lap("preprocessing")
 
+        # learn: a minibatch update every train_frequency steps once learning starts; sync the target network
         for step in range(global_step + 1, global_step + args.num_envs + 1):
-            if step > updates_begin_at and step % args.train_frequency == 0:
+            if step > run.updates_begin_at and step % args.train_frequency == 0:
                 batch = replay.sample(args.batch_size)
                 PHASES.lap("sampling and transfer")
-                loss_and_q = update(*batch)  # OverlappedUpdates: None at its first call
-                if getattr(update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped
+                loss_and_q = run.update(*batch)  # OverlappedUpdates: None at its first call
+                if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped
                     PHASES.lap("update: CUDA graph")
                 if torch_profiler is not None:
                     torch_profiler.step()
                 if step % LOG_EVERY < args.train_frequency:
-                    if loss_and_q is not None:
-                        loss, q_mean = loss_and_q[0].item(), loss_and_q[1].item()
-                        if not (math.isfinite(loss) and math.isfinite(q_mean)):
-                            diverged = f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
-                            break
-                        writer.add_scalar("losses/td_loss", loss, step)
-                        writer.add_scalar("losses/q_values", q_mean, step)
-                    writer.add_scalar("charts/epsilon", epsilon, step)
-                    writer.add_scalar("charts/SPS", int((step - start_step + 1) / (time.time() - start_time)), step)
+                    diverged = log.update(step, loss_and_q, epsilon)
                     PHASES.lap("logging")
-            target_sync.step()
+                    if diverged:
+                        break
+            run.target_sync.step()
             PHASES.lap("target sync")
         if diverged:
             break
         previous_step, global_step = global_step, global_step + args.num_envs
 
+        # evaluate, report, checkpoint
         if passes_multiple_of(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
-            last_eval = run_evaluation(global_step).mean()
+            log.evaluate(run, global_step)
             PHASES.lap("evaluation")
         if passes_multiple_of(args.progress_every, previous_step, global_step):
-            now = time.time()
-            if learning_since is None and global_step > updates_begin_at:
-                learning_since = (now, global_step)
-            recent = np.mean(recent_returns) if recent_returns else float("nan")
-            print(f"step {global_step:>9}/{args.total_timesteps} | "
-                  f"SPS {(global_step - start_step + 1) / (now - start_time):5.0f} | eps {epsilon:.3f} | "
-                  f"return(100) {recent:7.2f} | eval {last_eval:7.2f} | "
-                  f"{time_left(now, global_step, args.total_timesteps, updates_begin_at, learning_since)}", flush=True)
+            log.progress(run, global_step, epsilon)
             PHASES.lap("logging")
         if passes_multiple_of(args.checkpoint_every, previous_step, global_step) or stop_signal:
             if not all(torch.isfinite(parameter).all() for parameter in q_network.parameters()):
                 diverged = f"at step {global_step:,} the network's weights are not finite"
                 break  # a NaN between two loss reads: the last good checkpoint stays
-            write_checkpoint(global_step)
-            last_checkpoint_step = global_step
+            log.checkpoint(run, global_step)
             PHASES.lap("checkpoint")
         if stop_signal:
             print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
-                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)
+                  f"{log.checkpoint_path} (continue with --resume {log.checkpoint_path})", flush=True)
             break
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
@@ -1596,40 +1661,31 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
               "torch.profiler: fewer than 17 updates, no trace written", flush=True)
     stop_py_spy(recorders)
     if recorders:
-        print(f"py-spy: {os.path.join(run_dir, 'py-spy.svg')} and py-spy.speedscope.json", flush=True)
+        print(f"py-spy: {os.path.join(log.run_dir, 'py-spy.svg')} and py-spy.speedscope.json", flush=True)
     steps_run = global_step - profiled_from + 1
     if steps_run > 0:
         profile = PHASES.table(steps_run)
-        which = "learning phase, " if profiled_from > updates_begin_at else ""
+        which = "learning phase, " if profiled_from > run.updates_begin_at else ""
         print(f"where the time went, over {steps_run:,} env steps ({which}steps {profiled_from:,} to "
-              f"{global_step:,}) on {device}:\n{profile}", flush=True)
-        writer.add_text("profile", "<pre>" + profile + "</pre>", global_step)
+              f"{global_step:,}) on {run.device}:\n{profile}", flush=True)
+        log.writer.add_text("profile", "<pre>" + profile + "</pre>", global_step)
         for phase, seconds in PHASES.totals.items():
-            writer.add_scalar(f"profile/{phase.replace(': ', '_').replace(' ', '_')}_ms_per_step",
-                              1000 * seconds / steps_run, global_step)
+            log.writer.add_scalar(f"profile/{phase.replace(': ', '_').replace(' ', '_')}_ms_per_step",
+                                  1000 * seconds / steps_run, global_step)
 
     if not (stop_signal or diverged):
-        final_returns = run_evaluation(global_step)  # past total_timesteps if num_envs does not divide it
+        final_returns = log.evaluate(run, global_step)  # past total_timesteps if num_envs does not divide it
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
-              f"{final_returns.std():.2f} (wall {wall_before + time.time() - start_time:.1f}s)", flush=True)
+              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
         if args.save_model:
-            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id,
-                             "n_actions": n_actions}, model_path)
-            print(f"model saved to {model_path}")
-    games.close()
-    if learner is not None:
-        learner.close()
-    torch.set_num_threads(threads_before)
-    eval_file.close()
-    writer.close()
-    if tracking is not None:
-        tracking.finish(exit_code=1 if diverged else 0)
+            log.save_model(run)
+    run.close()
+    log.close(diverged)
     if diverged:
-        kept = (f"the last good checkpoint, {checkpoint_path} (step {last_checkpoint_step:,}), is untouched"
-                if last_checkpoint_step is not None else "no checkpoint was written")
+        kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"
+                if log.last_checkpoint_step is not None else "no checkpoint was written")
         raise TrainingDiverged(f"training diverged: {diverged}; {kept}; try a smaller --learning-rate")
-    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": run_dir,
+    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": log.run_dir,
             "replay": replay, "q_network": q_network, "global_step": global_step}
 
 

@@ -25,7 +25,7 @@ REPLACED = {
     "eval_episodes: int = 10",
     "progress_every: int = 10_000",
     '"replay_on_gpu", "track", "wandb_project_name", "wandb_entity"}',
-    "loss_and_q = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call",
+    "loss_and_q = run.update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call",
     "train(args, sys.argv[1:])",
     'sys.exit(f"dqn_atari.py: error: {error}")',
 }
@@ -49,9 +49,9 @@ ADDED = {
     "eval_episodes: int = 2",
     "progress_every: int = 5_000",
     "batch = replay.sample(args.batch_size)",
-    "loss_and_q = update(*batch)  # OverlappedUpdates: None at its first call",
-    """if getattr(update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped""",
-    "if global_step <= updates_begin_at < global_step + args.num_envs:",
+    "loss_and_q = run.update(*batch)  # OverlappedUpdates: None at its first call",
+    """if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped""",
+    "if global_step <= run.updates_begin_at < global_step + args.num_envs:",
 }
 HARNESS = ("PHASES", "profile", "py_spy", "py-spy", "recorders", "steps_run", "trace_path", "cProfile", "pstats")
 TINY = ["--total-timesteps", "600", "--learning-starts", "300", "--buffer-size", "2000", "--eval-episodes", "1",
