@@ -2,6 +2,8 @@
 
 Read top to bottom: the arguments, the pieces (environment, replay, network, schedule, update, evaluation),
 then the training loop in `train()`. `python dqn.py` trains CartPole-v1; see README.md for other envs.
+Comments that cite "the article" mean "Learnings from reproducing DQN for Atari games", the account this project
+grew from: each mistake it describes has a test that fails if it comes back.
 """
 
 import csv
@@ -213,7 +215,7 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int):
         # randint over the filled part: O(batch) per draw. np.random.choice(size, batch, replace=False)
-        # permutes the whole buffer on every call and made the seed's loop crawl.
+        # permutes the whole buffer on every call and made the article's loop crawl.
         idx = self.rng.integers(0, self.size, size=batch_size)
         return tuple(torch.from_numpy(array[idx]).to(self.device) for array in
                      (self.observations, self.actions, self.rewards, self.next_observations, self.terminated))
@@ -252,7 +254,7 @@ class TargetSync:
         self.syncs = 0
 
     def step(self) -> None:
-        self.steps += 1  # the seed's counter was never incremented, so its target network never moved
+        self.steps += 1  # the article's counter was never incremented, so its target network never moved
         if self.steps % self.every == 0:
             self.target_network.load_state_dict(self.q_network.state_dict())
             self.syncs += 1
@@ -275,7 +277,7 @@ def td_update(q_network, target_network, optimizer, batch, gamma: float, max_gra
     target = td_target(target_network, rewards, next_obs, terminated, gamma)
     q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
     # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
-    # (the seed's hand-written version was off by a factor of 2).
+    # (the article's hand-written version was off by a factor of 2).
     loss = F.smooth_l1_loss(q_taken, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -285,11 +287,16 @@ def td_update(q_network, target_network, optimizer, batch, gamma: float, max_gra
     return loss.detach(), q_taken.detach().mean()
 
 
-def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator):
-    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q."""
-    actions = torch.argmax(q_network(obs), dim=1).cpu().numpy()
-    explore = rng.random(len(actions)) < epsilon
+def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator,
+                   greedy=None) -> np.ndarray:
+    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q, taken by greedy(obs)
+    where the caller has its own (dqn_atari.py's CUDA-graphed one). No forward pass when every one explores."""
+    explore = rng.random(len(obs)) < epsilon
+    actions = np.zeros(len(obs), dtype=np.int64)
     actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
+    if not explore.all():
+        greedy_actions = greedy(obs) if greedy is not None else torch.argmax(q_network(obs), dim=1)
+        actions[~explore] = greedy_actions.cpu().numpy()[~explore]
     return actions
 
 
@@ -386,17 +393,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def start_tracking(args: Args, run_dir: str):
+def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
     """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
-    and keeps the flags and this file."""
+    and keeps the flags and this file; a resumed run passes the id its checkpoint kept, and goes on in that run."""
     import wandb  # only with --track (check_args has seen it is installed)
 
     try:
-        return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
-                          sync_tensorboard=True, save_code=True, config=vars(args))
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
+                         sync_tensorboard=True, save_code=True, id=run_id, resume="allow" if run_id else None)
     except wandb.errors.Error as error:  # no API key, an unknown entity
         raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
                           "`wandb login`, or set WANDB_MODE=offline") from None
+    run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
+    return run
 
 
 def train(args: Args) -> dict:
@@ -448,11 +457,9 @@ def train(args: Args) -> dict:
     diverged = ""  # what went non-finite, and when
     for global_step in range(1, args.total_timesteps + 1):
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
-        if action_rng.random() < epsilon:
-            action = int(action_rng.integers(n_actions))
-        else:
-            with torch.no_grad():
-                action = int(q_network(torch.as_tensor(obs, device=device)).argmax())
+        with torch.no_grad():  # a batch of one observation
+            action = int(epsilon_greedy(q_network, torch.as_tensor(obs, device=device)[None], epsilon, n_actions,
+                                        action_rng)[0])
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # At truncation next_obs is the real final observation (no autoreset here), so the bootstrap from
         # it is correct; only `terminated` marks a state with no future.

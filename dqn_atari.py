@@ -1,9 +1,22 @@
 """Nature DQN (Mnih et al. 2015) on Atari through gymnasium and ale-py, in one file.
 
-Read top to bottom, beside dqn.py: the arguments, the pieces (the game with Nature's wrappers, preprocessing
-on the training device, a replay that stores each frame once, the network, the schedule, the update,
-evaluation, checkpoints), then the training loop in `train()`.
-`python dqn_atari.py --env-id BreakoutNoFrameskip-v4` trains; README.md lists the flags and Nature's values.
+Read top to bottom; each `# ---- ` header opens a section, in this order:
+  Args, check_args                  the flags (Nature's value in each docstring where ours differs)
+  The game                          ALE behind Nature's wrappers: action repeat, the max of two frames, no-op
+                                    starts, a lost life ends an episode, FIRE serves
+  Preprocessing                     84x84 grayscale on the training device; the stack of the last 4 frames
+  Replay                            uint8 frames, each stored once; stacks rebuilt when a batch is sampled
+  Network, schedule and update      Nature's network, linear epsilon, the TD target, Huber loss, the step
+  Evaluation                        full games at epsilon 0.05
+The parts Nature DQN does without, each under a header that says what it buys and when it is off:
+  Speed                             CUDA graphs, overlapped updates, freed memory kept for reuse
+  Several games at once             --num-envs: worker processes, one game each
+  Checkpoints and resume            what a checkpoint file is, and what loading one trusts
+Then Training: Run (a run's objects, and what a checkpoint holds of them), build_run, RunLog (the files a run
+writes), and train(), whose loop reads in the algorithm's order: act, step, store, learn, sync, then evaluate,
+report and checkpoint. `python dqn_atari.py --env-id BreakoutNoFrameskip-v4` trains; README.md lists the flags.
+Comments that cite "the article" mean "Learnings from reproducing DQN for Atari games", the account this project
+grew from: each mistake it describes has a test that fails if it comes back.
 """
 
 import csv
@@ -180,7 +193,7 @@ def check_args(args: Args) -> None:
             raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
 
 
-# ---- Environment -------------------------------------------------------------------------------------------
+# ---- The game, behind Nature's wrappers --------------------------------------------------------------------
 
 
 def make_ale_env(env_id: str, repeat_action_probability: Optional[float]) -> gym.Env:
@@ -207,9 +220,9 @@ class AtariGame:
     (their max removes the flicker of sprites drawn every other frame). A game starts with 1..noop_max
     random no-op frames. With end_on_life_loss (training), a lost life ends the episode but not the game:
     the next reset() continues it, so the agent learns that a life has value without replaying whole
-    games from the start (the seed trained on full games). In games that wait for FIRE to serve, FIRE is
+    games from the start (the article trained on full games). In games that wait for FIRE to serve, FIRE is
     pressed at every start and after every lost life, in training and evaluation alike: the serve takes no
-    skill, and without it an episode starts with an idle stretch only FIRE ends (the seed's Breakout idled).
+    skill, and without it an episode starts with an idle stretch only FIRE ends (the article's Breakout idled).
     Episode statistics (`game_return`, `game_length`) count whole games with unclipped rewards.
     """
 
@@ -303,19 +316,6 @@ class AtariGame:
         self.game_return, self.game_length = state["game_return"], state["game_length"]
 
 
-UNREADABLE_EMULATOR_STATE = "the emulator state is not one ale-py can read"
-
-
-def emulator_state(saved) -> ale_py.ALEState:
-    """An emulator state rebuilt from the bytes AtariGame.state() keeps; anything else is refused."""
-    if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1):
-        raise ConfigError(f"the emulator state is a {type(saved).__name__}, not the uint8 tensor dqn_atari.py writes")
-    try:
-        return ale_py.ALEState(saved.numpy().tobytes())
-    except Exception:  # ale-py raises SystemError for bytes that are not one of its states
-        raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
-
-
 class Outcome(NamedTuple):
     """One training game's step, as the loop needs it (game_return and game_length: the whole game so far)."""
     reward: float
@@ -335,132 +335,6 @@ def step_game(game: AtariGame, action: int, step_frames: np.ndarray, reset_frame
     if terminated or truncated:
         reset_frames[:] = game.reset()
     return outcome
-
-
-def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -> None:
-    """A worker process: plays training game `index`, told what to do through `connection`; its frames go
-    to the shared `frames` tensor, where the trainer reads them without a copy through the pipe."""
-    # Ctrl-C reaches every process of the terminal's group, and a scheduler may signal them all: the
-    # trainer alone handles both, and asks this game for its state for the checkpoint before it stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    game = AtariGame(*settings)
-    step_frames, reset_frames = frames.numpy()[:, index]
-    try:
-        while True:
-            command, argument = connection.recv()
-            if command == "step":
-                connection.send(step_game(game, argument, step_frames, reset_frames))
-            elif command == "reset":
-                reset_frames[:] = game.reset()
-                connection.send(None)
-            elif command == "state":
-                connection.send(game.state())
-            elif command == "load_state":
-                try:
-                    game.load_state(argument)
-                    connection.send(None)
-                except ConfigError as error:  # the trainer reports it, in one line
-                    connection.send(error)
-            else:  # "close"
-                return
-    except EOFError:  # the trainer is gone
-        return
-
-
-class GameWorkerFailed(RuntimeError):
-    """A training game's worker process died or stopped answering: reported in one line."""
-
-
-WORKER_ANSWER_TIMEOUT_S = 60.0  # a step takes milliseconds, and a worker's start (imports, the ROM) seconds
-
-
-class Games:
-    """The training games, stepped together. Game 0 runs in this process and each other game in a worker
-    process of its own, all emulating at once: ALE holds Python's GIL while it emulates, so threads would
-    take turns. Game k is seeded with seed + k; with one game, this is exactly that game.
-    `step_frames` and `reset_frames` (games, 2, 210, 160) hold each game's last step and next episode's first
-    frames."""
-
-    def __init__(self, n: int, env_id: str, seed: int, frame_skip: int, noop_max: int,
-                 repeat_action_probability: Optional[float]):
-        settings = [(env_id, seed + k, frame_skip, noop_max, True, repeat_action_probability) for k in range(n)]
-        self.local = AtariGame(*settings[0])
-        self.n_actions, self.raw_shape = self.local.n_actions, self.local.raw.shape[1:]
-        shared = torch.zeros((2, n, *self.local.raw.shape), dtype=torch.uint8).share_memory_()
-        self.step_frames, self.reset_frames = shared.numpy()
-        context = torch.multiprocessing.get_context("spawn")  # a forked child would inherit a CUDA context
-        self.connections, self.workers = [], []
-        for k in range(1, n):
-            ours, theirs = context.Pipe()
-            worker = context.Process(target=game_worker, args=(theirs, shared, k, settings[k]), daemon=True)
-            worker.start()
-            theirs.close()
-            self.connections.append(ours)
-            self.workers.append(worker)
-
-    def _ask_all(self, command: str, arguments: list, local_call) -> list:
-        """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
-        for k, (connection, argument) in enumerate(zip(self.connections, arguments[1:]), start=1):
-            self._call_worker(k, connection.send, (command, argument))
-        answers = [local_call(arguments[0])]
-        answers += [self._call_worker(k, self._answer_of, connection)
-                    for k, connection in enumerate(self.connections, start=1)]
-        return answers
-
-    def _answer_of(self, connection):
-        if not connection.poll(WORKER_ANSWER_TIMEOUT_S):
-            raise TimeoutError
-        return connection.recv()
-
-    def _call_worker(self, k: int, call, *message):
-        """A worker gone or silent stops the run with its game named (no checkpoint is written after it)."""
-        try:
-            return call(*message)
-        except TimeoutError:  # first: it is an OSError too
-            self.kill()
-            raise GameWorkerFailed(f"the worker process of training game {k} has not answered for "
-                                   f"{WORKER_ANSWER_TIMEOUT_S:g} s; stopped it and the run") from None
-        except (EOFError, OSError):  # end of file, broken pipe, reset: the worker process is gone
-            self.kill()
-            raise GameWorkerFailed(f"the worker process of training game {k} exited (its error, if any, is "
-                                   "above)") from None
-
-    def kill(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-            worker.join()
-        self.connections, self.workers = [], []
-
-    def reset(self) -> np.ndarray:
-        """Starts every game's first episode; returns `reset_frames`."""
-        def reset_local(_):
-            self.reset_frames[0] = self.local.reset()
-        self._ask_all("reset", [None] * self.n, reset_local)
-        return self.reset_frames
-
-    def step(self, actions: np.ndarray) -> list:
-        """One step of every game; returns their Outcomes (their frames are in `step_frames` and `reset_frames`)."""
-        return self._ask_all("step", [int(action) for action in actions],
-                             lambda action: step_game(self.local, action, self.step_frames[0], self.reset_frames[0]))
-
-    def states(self) -> list:
-        return self._ask_all("state", [None] * self.n, lambda _: self.local.state())
-
-    def load_states(self, states: list) -> None:
-        for answer in self._ask_all("load_state", states, self.local.load_state):
-            if isinstance(answer, ConfigError):
-                raise answer
-
-    @property
-    def n(self) -> int:
-        return len(self.connections) + 1
-
-    def close(self) -> None:
-        for connection in self.connections:
-            connection.send(("close", None))
-        for worker in self.workers:
-            worker.join()
 
 
 # ---- Preprocessing on the training device ------------------------------------------------------------------
@@ -694,7 +568,7 @@ class FrameReplay:
         self.rng.bit_generator.state = state["rng"]
 
 
-# ---- Network and schedule ----------------------------------------------------------------------------------
+# ---- Network, schedule and update --------------------------------------------------------------------------
 
 
 class QNetwork(nn.Module):
@@ -726,24 +600,6 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
 
 
-def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, learning_since) -> str:
-    """The progress line's last field. Collecting before updates is many times faster than learning, so no
-    estimate is made from it; once learning, the estimate extrapolates the learning phase's own rate.
-    learning_since: (time, step) of the first progress after updates began, None before."""
-    if learning_since is None:
-        return f"updates from step {updates_begin_at:,}"
-    since_time, since_step = learning_since
-    if step <= since_step:
-        return "ETA     ?"
-    return f"ETA {(now - since_time) * max(0, total_steps - step) / (step - since_step) / 3600:5.2f}h"
-
-
-def passes_multiple_of(every: int, before: int, after: int) -> bool:
-    """Whether a multiple of `every` lies in (before, after]: with several games a step of the loop moves
-    the step count by more than one. every = 0: never."""
-    return every > 0 and after // every > before // every
-
-
 class TargetSync:
     """Copies the online network into the target network every `every` calls of step() (one per env step)."""
 
@@ -754,7 +610,7 @@ class TargetSync:
         self.syncs = 0
 
     def step(self) -> None:
-        self.steps += 1  # the seed's counter was never incremented, so its target network never moved
+        self.steps += 1  # the article's counter was never incremented, so its target network never moved
         if self.steps % self.every == 0:
             self.target_network.load_state_dict(self.q_network.state_dict())
             if self.learner is not None:
@@ -801,34 +657,6 @@ def make_optimizer(args: Args, q_network: nn.Module, capturable: bool = False) -
     return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restores a saved optimizer state but keeps this run's `capturable`: the saved groups carry the saving run's
-    (False from a CPU run), and a CUDA graph cannot record a step that is not capturable."""
-    capturable = [group.get("capturable") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, wanted in zip(optimizer.param_groups, capturable):
-        if wanted is not None:
-            group["capturable"] = wanted
-
-
-def keep_freed_memory() -> bool:
-    """Tells glibc's malloc to keep freed blocks under 32 MB for reuse instead of handing them back to the
-    kernel. By default it returns them (blocks over its adaptive threshold, and a heap top over twice that),
-    so every update page-faults its weight casts, activations and gradients in again: 800 to 4,000 faults,
-    up to 4 ms of an update on this CPU. The heap then settles at the update's working set (tens of MB).
-    Returns False where there is no glibc (nothing to tune)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
-    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their malloc has no such thresholds
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-# ---- Update ------------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()  # the target is a constant: no graph through the target network, so no gradient reaches it
 def td_target(target_network, rewards, next_obs, terminated, gamma: float, bf16: bool = False) -> torch.Tensor:
     """r + gamma * max_a' Q_target(s', a'), with the bootstrap cut where the episode terminated."""
@@ -849,7 +677,7 @@ def td_gradients(q_network, optimizer, obs, actions, targets, max_grad_norm: flo
     with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
     # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
-    # (the seed's hand-written version was off by a factor of 2).
+    # (the article's hand-written version was off by a factor of 2).
     target = targets()
     loss = F.smooth_l1_loss(q_taken, target)
     optimizer.zero_grad(set_to_none=True)
@@ -878,8 +706,8 @@ def td_update(q_network, target_network, optimizer, batch, gamma: float, max_gra
 
 def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator,
                    greedy=None) -> np.ndarray:
-    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q, or greedy(obs) when
-    given (the training loop's CUDA-graphed argmax). No forward pass when every one explores."""
+    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q, taken by greedy(obs)
+    where the caller has its own (dqn_atari.py's CUDA-graphed one). No forward pass when every one explores."""
     explore = rng.random(len(obs)) < epsilon
     actions = np.zeros(len(obs), dtype=np.int64)
     actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
@@ -887,6 +715,60 @@ def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int,
         greedy_actions = greedy(obs) if greedy is not None else torch.argmax(q_network(obs), dim=1)
         actions[~explore] = greedy_actions.cpu().numpy()[~explore]
     return actions
+
+
+# ---- Evaluation --------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Plays `episodes` full games at once (no life-loss ends, up to 30 no-op starts, 108,000-frame cap),
+    one batched forward pass per step. Each evaluation reseeds its games from (seed, step), so evaluating
+    draws nothing from the training run's random streams and a resumed run evaluates as the original."""
+
+    def __init__(self, args: Args, preprocess: FramePreprocessor, seed: int):
+        self.games = [AtariGame(args.env_id, seed + i, args.frame_skip, args.noop_max, end_on_life_loss=False,
+                                repeat_action_probability=args.repeat_action_probability)
+                      for i in range(args.eval_episodes)]
+        self.epsilon, self.seed, self.preprocess = args.eval_epsilon, seed, preprocess
+
+    @torch.no_grad()
+    def __call__(self, q_network: nn.Module, step: int, video: Optional[list] = None) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        for i, game in enumerate(self.games):
+            game.seed(int(rng.integers(2**31)) + i)
+        first_frames = self.preprocess(np.stack([game.reset() for game in self.games]))
+        stacks = first_frames.unsqueeze(1).repeat(1, STACK, 1, 1)
+        returns = np.zeros(len(self.games))
+        active = np.arange(len(self.games))
+        n_actions = self.games[0].n_actions
+        while len(active):
+            actions = epsilon_greedy(q_network, stacks, self.epsilon, n_actions, rng)
+            raws, still_active = [], []
+            for row, (i, action) in enumerate(zip(active, actions)):
+                raw, _, _, _, game_over = self.games[i].step(int(action))
+                if video is not None and i == 0:
+                    video.append(self.games[0].ale.getScreenRGB())
+                if game_over:
+                    returns[i] = self.games[i].game_return
+                else:
+                    raws.append(raw)
+                    still_active.append(row)
+            active = active[still_active]
+            if len(active):
+                stacks = torch.cat([stacks[still_active, 1:], self.preprocess(np.stack(raws)).unsqueeze(1)], dim=1)
+        return returns
+
+
+def write_gif(path: str, frames: list) -> None:
+    try:
+        from PIL import Image  # only --capture-video needs it
+    except ImportError:
+        raise ConfigError("--capture-video writes a GIF with pillow: pip install pillow") from None
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 15, loop=0)
+
+
+# ---- Speed: CUDA graphs (--cuda-graphs, on by default; only on CUDA) ---------------------------------------
 
 
 class CudaGraphed:
@@ -926,6 +808,9 @@ class CudaGraphed:
         return self.outputs
 
 
+# ---- Speed: overlapped updates (--overlap-updates, off by default; only on the CPU) ------------------------
+
+
 class OverlappedUpdates:
     """--overlap-updates (CPU): each update's gradient is computed while the loop plays the train_frequency steps
     that follow, and the optimizer's step applies it at the next update step.
@@ -938,8 +823,8 @@ class OverlappedUpdates:
     train_frequency transitions wait for the next batch, and the first update step only starts a gradient.
 
     Why: on a CPU, a step of play (acting, the emulator, preprocessing) keeps one core busy and leaves the others
-    idle, while an update spread over two cores runs only 1.6x as fast as on one (11.7 against 18.8 ms in bf16 on
-    this project's 2-core machine). Overlapped, one core plays while the other computes the gradient."""
+    idle, while an update spread over two cores runs far from twice as fast as on one.
+    Overlapped, one core plays while the other computes the gradient."""
 
     def __init__(self, gradients, targets, optimizer):
         """gradients(batch, targets): td_gradients, run in the learner thread; targets(batch): td_target."""
@@ -951,12 +836,12 @@ class OverlappedUpdates:
     def __call__(self, *batch: torch.Tensor):
         """Applies the gradient in flight, if any, then starts one on `batch`. Returns the applied update's
         (loss, mean Q), or None."""
-        applied = None
+        loss_and_q = None
         if self.in_flight is not None:
-            applied = self.in_flight.result()
+            loss_and_q = self.in_flight.result()
             self.optimizer.step()
         self.start(batch)
-        return applied
+        return loss_and_q
 
     def start(self, batch: tuple) -> None:
         """Queues the gradient of `batch` in the learner thread, then computes its TD targets here meanwhile."""
@@ -980,58 +865,183 @@ class OverlappedUpdates:
         self.learner.shutdown(wait=True)
 
 
-# ---- Evaluation --------------------------------------------------------------------------------------------
+def make_updater(args: Args, q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, use_graphs: bool):
+    """The update the loop calls, and the learner thread that runs it, if any: td_update, replayed as a CUDA graph
+    on CUDA; with --overlap-updates on the CPU, OverlappedUpdates, which is both."""
+    if args.overlap_updates and device.type == "cpu":
+        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        learner = OverlappedUpdates(
+            lambda batch, targets: td_gradients(q_network, optimizer, batch[0], batch[1], targets,
+                                                args.max_grad_norm, args.bf16),
+            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16), optimizer)
+        return learner, learner
+    return CudaGraphed(lambda *batch: td_update(q_network, target_network, optimizer, batch, args.gamma,
+                                                args.max_grad_norm, args.bf16), use_graphs), None
 
 
-class Evaluator:
-    """Plays `episodes` full games at once (no life-loss ends, up to 30 no-op starts, 108,000-frame cap),
-    one batched forward pass per step. Each evaluation reseeds its games from (seed, step), so evaluating
-    draws nothing from the training run's random streams and a resumed run evaluates as the original."""
-
-    def __init__(self, args: Args, preprocess: FramePreprocessor, seed: int):
-        self.games = [AtariGame(args.env_id, seed + i, args.frame_skip, args.noop_max, end_on_life_loss=False,
-                                repeat_action_probability=args.repeat_action_probability)
-                      for i in range(args.eval_episodes)]
-        self.epsilon, self.seed, self.preprocess = args.eval_epsilon, seed, preprocess
-
-    @torch.no_grad()
-    def __call__(self, q_network: nn.Module, step: int, video: Optional[list] = None) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step])
-        for i, game in enumerate(self.games):
-            game.seed(int(rng.integers(2**31)) + i)
-        first = self.preprocess(np.stack([game.reset() for game in self.games]))
-        stacks = first.unsqueeze(1).repeat(1, STACK, 1, 1)
-        returns = np.zeros(len(self.games))
-        active = np.arange(len(self.games))
-        n_actions = self.games[0].n_actions
-        while len(active):
-            actions = epsilon_greedy(q_network, stacks, self.epsilon, n_actions, rng)
-            raws, still_active = [], []
-            for row, (i, action) in enumerate(zip(active, actions)):
-                raw, _, _, _, game_over = self.games[i].step(int(action))
-                if video is not None and i == 0:
-                    video.append(self.games[0].ale.getScreenRGB())
-                if game_over:
-                    returns[i] = self.games[i].game_return
-                else:
-                    raws.append(raw)
-                    still_active.append(row)
-            active = active[still_active]
-            if len(active):
-                stacks = torch.cat([stacks[still_active, 1:], self.preprocess(np.stack(raws)).unsqueeze(1)], dim=1)
-        return returns
+# ---- Speed: freed memory kept for reuse (always, where the C library is glibc) -----------------------------
 
 
-def write_gif(path: str, frames: list) -> None:
+def keep_freed_memory() -> bool:
+    """Tells glibc's malloc to keep freed blocks under 32 MB for reuse instead of handing them back to the
+    kernel. By default it returns them (blocks over its adaptive threshold, and a heap top over twice that),
+    so every update page-faults its weight casts, activations and gradients in again (benchmark/results/
+    speed-cpu-keep-freed measures what that costs). The heap then settles at the update's working set (tens of MB).
+    Returns False where there is no glibc (nothing to tune)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their malloc has no such thresholds
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+# ---- Several games at once (--num-envs N; with 1, its one game runs in this process) -----------------------
+
+
+def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -> None:
+    """A worker process: plays training game `index`, told what to do through `connection`; its frames go
+    to the shared `frames` tensor, where the trainer reads them without a copy through the pipe."""
+    # Ctrl-C reaches every process of the terminal's group, and a scheduler may signal them all: the
+    # trainer alone handles both, and asks this game for its state for the checkpoint before it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    game = AtariGame(*settings)
+    step_frames, reset_frames = frames.numpy()[:, index]
     try:
-        from PIL import Image  # only --capture-video needs it
-    except ImportError:
-        raise ConfigError("--capture-video writes a GIF with pillow: pip install pillow") from None
-    images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 15, loop=0)
+        while True:
+            command, argument = connection.recv()
+            if command == "step":
+                connection.send(step_game(game, argument, step_frames, reset_frames))
+            elif command == "reset":
+                reset_frames[:] = game.reset()
+                connection.send(None)
+            elif command == "state":
+                connection.send(game.state())
+            elif command == "load_state":
+                try:
+                    game.load_state(argument)
+                    connection.send(None)
+                except ConfigError as error:  # the trainer reports it, in one line
+                    connection.send(error)
+            else:  # "close"
+                return
+    except EOFError:  # the trainer is gone
+        return
 
 
-# ---- Checkpoints -------------------------------------------------------------------------------------------
+class GameWorkerFailed(RuntimeError):
+    """A training game's worker process died or stopped answering: reported in one line."""
+
+
+WORKER_ANSWER_TIMEOUT_S = 60.0  # a step takes milliseconds, and a worker's start (imports, the ROM) seconds
+
+
+class Games:
+    """The training games, stepped together. Game 0 runs in this process and each other game in a worker
+    process of its own, all emulating at once: ALE holds Python's GIL while it emulates, so threads would
+    take turns. Game k is seeded with seed + k; with one game, this is exactly that game.
+    `step_frames` and `reset_frames` (games, 2, 210, 160) hold each game's last step and next episode's first
+    frames."""
+
+    def __init__(self, n: int, env_id: str, seed: int, frame_skip: int, noop_max: int,
+                 repeat_action_probability: Optional[float]):
+        settings = [(env_id, seed + k, frame_skip, noop_max, True, repeat_action_probability) for k in range(n)]
+        self.local = AtariGame(*settings[0])
+        self.n_actions, self.raw_shape = self.local.n_actions, self.local.raw.shape[1:]
+        shared = torch.zeros((2, n, *self.local.raw.shape), dtype=torch.uint8).share_memory_()
+        self.step_frames, self.reset_frames = shared.numpy()
+        context = torch.multiprocessing.get_context("spawn")  # a forked child would inherit a CUDA context
+        self.connections, self.workers = [], []
+        for k in range(1, n):
+            ours, theirs = context.Pipe()
+            worker = context.Process(target=game_worker, args=(theirs, shared, k, settings[k]), daemon=True)
+            worker.start()
+            theirs.close()
+            self.connections.append(ours)
+            self.workers.append(worker)
+
+    def _ask_all(self, command: str, arguments: list, local_call) -> list:
+        """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
+        for k, (connection, argument) in enumerate(zip(self.connections, arguments[1:]), start=1):
+            self._call_worker(k, connection.send, (command, argument))
+        answers = [local_call(arguments[0])]
+        answers += [self._call_worker(k, self._answer_of, connection)
+                    for k, connection in enumerate(self.connections, start=1)]
+        return answers
+
+    def _answer_of(self, connection):
+        if not connection.poll(WORKER_ANSWER_TIMEOUT_S):
+            raise TimeoutError
+        return connection.recv()
+
+    def _call_worker(self, k: int, call, *message):
+        """A worker gone or silent stops the run with its game named (no checkpoint is written after it)."""
+        try:
+            return call(*message)
+        except TimeoutError:  # first: it is an OSError too
+            self.kill()
+            raise GameWorkerFailed(f"the worker process of training game {k} has not answered for "
+                                   f"{WORKER_ANSWER_TIMEOUT_S:g} s; stopped it and the run") from None
+        except (EOFError, OSError):  # end of file, broken pipe, reset: the worker process is gone
+            self.kill()
+            raise GameWorkerFailed(f"the worker process of training game {k} exited (its error, if any, is "
+                                   "above)") from None
+
+    def kill(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+            worker.join()
+        self.connections, self.workers = [], []
+
+    def reset(self) -> np.ndarray:
+        """Starts every game's first episode; returns `reset_frames`."""
+        def reset_local(_):
+            self.reset_frames[0] = self.local.reset()
+        self._ask_all("reset", [None] * self.n, reset_local)
+        return self.reset_frames
+
+    def step(self, actions: np.ndarray) -> list:
+        """One step of every game; returns their Outcomes (their frames are in `step_frames` and `reset_frames`)."""
+        return self._ask_all("step", [int(action) for action in actions],
+                             lambda action: step_game(self.local, action, self.step_frames[0], self.reset_frames[0]))
+
+    def states(self) -> list:
+        return self._ask_all("state", [None] * self.n, lambda _: self.local.state())
+
+    def load_states(self, states: list) -> None:
+        for answer in self._ask_all("load_state", states, self.local.load_state):
+            if isinstance(answer, ConfigError):
+                raise answer
+
+    @property
+    def n(self) -> int:
+        return len(self.connections) + 1
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.send(("close", None))
+        for worker in self.workers:
+            worker.join()
+
+
+# ---- Checkpoints and resume (--checkpoint-every, --resume; off by default) ---------------------------------
+
+
+UNREADABLE_EMULATOR_STATE = "the emulator state is not one ale-py can read"
+
+
+def emulator_state(saved) -> ale_py.ALEState:
+    """An emulator state rebuilt from the bytes AtariGame.state() keeps; anything else is refused."""
+    if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1):
+        raise ConfigError(f"the emulator state is a {type(saved).__name__}, not the uint8 tensor dqn_atari.py writes")
+    try:
+        return ale_py.ALEState(saved.numpy().tobytes())
+    except Exception:  # ale-py raises SystemError for bytes that are not one of its states
+        raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
 
 
 CHECKPOINT_FORMAT = "dqn_atari checkpoint 2"
@@ -1069,6 +1079,16 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restores a saved optimizer state but keeps this run's `capturable`: the saved groups carry the saving run's
+    (False from a CPU run), and a CUDA graph cannot record a step that is not capturable."""
+    capturable = [group.get("capturable") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, wanted in zip(optimizer.param_groups, capturable):
+        if wanted is not None:
+            group["capturable"] = wanted
+
+
 # numpy's global RNG state holds an ndarray, which torch.load(weights_only=True) refuses: keep it as a tensor
 def numpy_global_state() -> tuple:
     name, key, pos, has_gauss, cached = np.random.get_state()
@@ -1078,6 +1098,118 @@ def numpy_global_state() -> tuple:
 def set_numpy_global_state(state: tuple) -> None:
     name, key, pos, has_gauss, cached = state
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """Names of the Args fields set on this command line (tyro spells them --env-id or --no-cuda)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=")[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") and name[3:] in Args.__dataclass_fields__ else name)
+    return names
+
+
+def resumed_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
+    """The checkpoint's flags, but for those in RESUMABLE that this command line gives. Any other flag
+    given with a different value is a mismatch, refused."""
+    saved = {**vars(Args()), **checkpoint["args"]}  # a flag newer than the checkpoint: it ran with the default
+    for name in sorted(given & set(saved) - RESUMABLE):
+        if getattr(args, name) != saved[name]:
+            raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, not "
+                              f"{getattr(args, name)}; drop the flag to continue it as it was")
+    merged = dict(saved)
+    merged.update({name: getattr(args, name) for name in RESUMABLE & given | {"resume"}})
+    return Args(**merged)
+
+
+def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
+    """--resume: the checkpoint, and the flags to continue it with (its own, but for those RESUMABLE ones this
+    command line gives); without --resume, the flags as given and no checkpoint."""
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    args = resumed_args(args, checkpoint, flags_given(argv))
+    # a run of this length stops after the pass that reaches total_timesteps; a checkpoint past that is a
+    # typo, and resuming it would drop the eval rows and tensorboard events after the checkpoint's step
+    last_step = -(-args.total_timesteps // args.num_envs) * args.num_envs
+    if checkpoint["global_step"] > last_step:
+        raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
+                          f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
+    return args, checkpoint
+
+
+# ---- Training: a run's objects and files, then the loop ----------------------------------------------------
+
+
+def make_run_dir(args: Args) -> str:
+    name = args.env_id.replace("/", "-")
+    base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir, suffix = base, 1
+    while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
+        run_dir, suffix = f"{base}-{suffix}", suffix + 1
+    try:
+        os.makedirs(run_dir)
+    except OSError as error:  # a missing parent we may not create, a file in the way, no permission
+        raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
+                          "--runs-dir") from None
+    return run_dir
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
+    """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
+    and keeps the flags and this file; a resumed run passes the id its checkpoint kept, and goes on in that run."""
+    import wandb  # only with --track (check_args has seen it is installed)
+
+    try:
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
+                         sync_tensorboard=True, save_code=True, id=run_id, resume="allow" if run_id else None)
+    except wandb.errors.Error as error:  # no API key, an unknown entity
+        raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
+                          "`wandb login`, or set WANDB_MODE=offline") from None
+    run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
+    return run
+
+
+def open_eval_csv(run_dir: str, resume_step: Optional[int]):
+    """eval.csv of this run; a resumed run drops rows past its checkpoint (an interrupted run's tail)."""
+    path = os.path.join(run_dir, "eval.csv")
+    header = ["step", "eval_mean", "eval_std", "episodes", "wall_seconds"]
+    rows = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path, newline="") as old:
+            rows = [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= resume_step]
+    with open(path + ".tmp", "w", newline="") as new:
+        csv.writer(new).writerows([header] + rows)
+    os.replace(path + ".tmp", path)
+    eval_file = open(path, "a", newline="")
+    return eval_file, csv.writer(eval_file)
+
+
+def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, learning_since) -> str:
+    """The progress line's last field. Collecting before updates is many times faster than learning, so no
+    estimate is made from it; once learning, the estimate extrapolates the learning phase's own rate.
+    learning_since: (time, step) of the first progress after updates began, None before."""
+    if learning_since is None:
+        return f"updates from step {updates_begin_at:,}"
+    since_time, since_step = learning_since
+    if step <= since_step:
+        return "ETA     ?"
+    return f"ETA {(now - since_time) * max(0, total_steps - step) / (step - since_step) / 3600:5.2f}h"
+
+
+def passes_multiple_of(every: int, before: int, after: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: with several games a step of the loop moves
+    the step count by more than one. every = 0: never."""
+    return every > 0 and after // every > before // every
 
 
 class Run:
@@ -1163,116 +1295,6 @@ class Run:
         if self.learner is not None:
             self.learner.close()
         torch.set_num_threads(self.threads_before)
-
-
-def flags_given(argv: list[str]) -> set[str]:
-    """Names of the Args fields set on this command line (tyro spells them --env-id or --no-cuda)."""
-    names = set()
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=")[0].replace("-", "_")
-            names.add(name[3:] if name.startswith("no_") and name[3:] in Args.__dataclass_fields__ else name)
-    return names
-
-
-def resumed_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
-    """The checkpoint's flags, but for those in RESUMABLE that this command line gives. Any other flag
-    given with a different value is a mismatch, refused."""
-    saved = {**vars(Args()), **checkpoint["args"]}  # a flag newer than the checkpoint: it ran with the default
-    for name in sorted(given & set(saved) - RESUMABLE):
-        if getattr(args, name) != saved[name]:
-            raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, not "
-                              f"{getattr(args, name)}; drop the flag to continue it as it was")
-    merged = dict(saved)
-    merged.update({name: getattr(args, name) for name in RESUMABLE & given | {"resume"}})
-    return Args(**merged)
-
-
-# ---- Training ----------------------------------------------------------------------------------------------
-
-
-def make_run_dir(args: Args) -> str:
-    name = args.env_id.replace("/", "-")
-    base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir, suffix = base, 1
-    while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
-        run_dir, suffix = f"{base}-{suffix}", suffix + 1
-    try:
-        os.makedirs(run_dir)
-    except OSError as error:  # a missing parent we may not create, a file in the way, no permission
-        raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
-                          "--runs-dir") from None
-    return run_dir
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
-    """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
-    and keeps the flags and this file; a resumed run passes the id its checkpoint kept, and goes on in that run."""
-    import wandb  # only with --track (check_args has seen it is installed)
-
-    try:
-        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
-                         sync_tensorboard=True, save_code=True, id=run_id, resume="allow" if run_id else None)
-    except wandb.errors.Error as error:  # no API key, an unknown entity
-        raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
-                          "`wandb login`, or set WANDB_MODE=offline") from None
-    run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
-    return run
-
-
-def open_eval_csv(run_dir: str, resume_step: Optional[int]):
-    """eval.csv of this run; a resumed run drops rows past its checkpoint (an interrupted run's tail)."""
-    path = os.path.join(run_dir, "eval.csv")
-    header = ["step", "eval_mean", "eval_std", "episodes", "wall_seconds"]
-    rows = []
-    if resume_step is not None and os.path.exists(path):
-        with open(path, newline="") as old:
-            rows = [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= resume_step]
-    with open(path + ".tmp", "w", newline="") as new:
-        csv.writer(new).writerows([header] + rows)
-    os.replace(path + ".tmp", path)
-    eval_file = open(path, "a", newline="")
-    return eval_file, csv.writer(eval_file)
-
-
-def make_updater(args: Args, q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, use_graphs: bool):
-    """The update the loop calls, and the learner thread that runs it, if any: td_update, replayed as a CUDA graph
-    on CUDA; with --overlap-updates on the CPU, OverlappedUpdates, which is both."""
-    if args.overlap_updates and device.type == "cpu":
-        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-        learner = OverlappedUpdates(
-            lambda batch, targets: td_gradients(q_network, optimizer, batch[0], batch[1], targets,
-                                                args.max_grad_norm, args.bf16),
-            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16), optimizer)
-        return learner, learner
-    return CudaGraphed(lambda *batch: td_update(q_network, target_network, optimizer, batch, args.gamma,
-                                                args.max_grad_norm, args.bf16), use_graphs), None
-
-
-def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
-    """--resume: the checkpoint, and the flags to continue it with (its own, but for those RESUMABLE ones this
-    command line gives); without --resume, the flags as given and no checkpoint."""
-    if not args.resume:
-        return args, None
-    checkpoint = load_checkpoint(args.resume)
-    args = resumed_args(args, checkpoint, flags_given(argv))
-    # a run of this length stops after the pass that reaches total_timesteps; a checkpoint past that is a
-    # typo, and resuming it would drop the eval rows and tensorboard events after the checkpoint's step
-    last_step = -(-args.total_timesteps // args.num_envs) * args.num_envs
-    if checkpoint["global_step"] > last_step:
-        raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
-                          f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
-    return args, checkpoint
 
 
 def build_run(args: Args) -> Run:

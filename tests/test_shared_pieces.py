@@ -7,7 +7,8 @@ import pytest
 
 from script_runner import REPO
 
-SHARED = ["ConfigError", "TrainingDiverged", "linear_schedule", "make_run_dir", "seed_everything"]
+SHARED = ["ConfigError", "TrainingDiverged", "linear_schedule", "epsilon_greedy", "make_run_dir", "seed_everything",
+          "start_tracking"]
 
 
 def top_level_definitions(script: str) -> dict:
