@@ -164,6 +164,16 @@ def read_eval_curve(runs_dir: Path) -> list:
     return list(csv.DictReader(lines))
 
 
+def result_of(future):
+    """future.result(), waking every half second: a stop signal the OS hands to a worker thread only flags Python's
+    handler, which then runs in the main thread when it next wakes; blocked in a plain wait, not before the run ends."""
+    while True:
+        try:
+            return future.result(timeout=0.5)
+        except TimeoutError:  # concurrent.futures' own, the builtin since Python 3.11
+            continue
+
+
 def run_one(script: Path, env_id: str, seed: int, extra: list, cores, work_dir: Path, log_dir: Path) -> RunResult:
     started = time.perf_counter()
     launched = start_run(script, env_id, seed, extra, cores, work_dir, log_dir)
@@ -467,7 +477,7 @@ def main(argv=None) -> None:
                                log_dir) for k, (env_id, seed) in enumerate(jobs)]
         results = []
         for future in futures:
-            result = future.result()
+            result = result_of(future)
             results.append(result)
             status = result.error or f"final eval {result.final:.2f}"
             print(f"{result.env_id} seed {result.seed}: {status} ({result.wall_seconds:.1f}s)", flush=True)

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,34 @@ def test_stopping_the_runner_stops_its_runs(tmp_path):
 
     assert_signal_stops_every_run(runner, marker, "terminated 1 running run(s)")
     assert not (tmp_path / "logs" / "CartPole-v1_seed2.log").exists(), "a queued run started after the stop"
+
+
+def test_a_stop_signal_taken_by_a_worker_thread_is_handled_at_once():
+    """The OS may hand the runner's SIGTERM to a worker thread: Python then only flags its handler, and a main
+    thread blocked in a plain future.result() ran it when that run ended (a CI run's orphan trained on for an
+    hour). Waiting through result_of, the handler runs within a second."""
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    never_done = Future()
+    handlers = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop), signal.SIGALRM: signal.signal(signal.SIGALRM,
+                                                                                                   lambda *_: None)}
+    worker = threading.Timer(0.2, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGUSR1))
+    signal.alarm(10)  # the bound on a hang: its signal goes to the main thread, which then runs both handlers
+    started = time.monotonic()
+    try:
+        worker.start()
+        with pytest.raises(Stopped):
+            bench.result_of(never_done)
+        assert time.monotonic() - started < 3, "the handler waited for the main thread to wake on its own"
+    finally:
+        signal.alarm(0)
+        worker.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_a_stop_signal_during_a_launch_waits_for_the_run_and_stops_it(tmp_path, monkeypatch):
