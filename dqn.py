@@ -408,17 +408,77 @@ def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
     return run
 
 
+class RunLog:
+    """A run's directory and what goes into it: tensorboard events (CleanRL's charts/ and losses/ names, and
+    eval/), eval.csv and, with --track, a W&B run; its clock starts with the first step."""
+
+    def __init__(self, args: Args):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+        self.args = args
+        self.run_dir = make_run_dir(args)
+        self.tracking = start_tracking(args, self.run_dir) if args.track else None
+        self.writer = SummaryWriter(self.run_dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                             "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+        self.eval_file = open(os.path.join(self.run_dir, "eval.csv"), "w", newline="")
+        self.eval_csv = csv.writer(self.eval_file)
+        self.eval_csv.writerow(["step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
+        self.last_eval = float("nan")
+
+    def start_clock(self) -> None:
+        self.start_time = time.time()
+
+    def wall_seconds(self) -> float:
+        return time.time() - self.start_time
+
+    def episode_over(self, episode_return: float, episode_length: int, step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", episode_return, step)
+        self.writer.add_scalar("charts/episodic_length", episode_length, step)
+
+    def update(self, step: int, loss: torch.Tensor, q_mean: torch.Tensor, epsilon: float) -> str:
+        """The TD loss, the mean Q-value, epsilon and SPS at `step`; returns what went non-finite, if anything."""
+        loss, q_mean = loss.item(), q_mean.item()
+        if not (math.isfinite(loss) and math.isfinite(q_mean)):
+            return f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+        self.writer.add_scalar("losses/td_loss", loss, step)
+        self.writer.add_scalar("losses/q_values", q_mean, step)
+        self.writer.add_scalar("charts/epsilon", epsilon, step)
+        self.writer.add_scalar("charts/SPS", int(step / self.wall_seconds()), step)
+        return ""
+
+    def evaluate(self, evaluate: Evaluator, q_network: nn.Module, step: int) -> np.ndarray:
+        """Plays the evaluation episodes and writes their returns."""
+        returns = evaluate(q_network)
+        self.last_eval = returns.mean()
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
+                                f"{self.wall_seconds():.2f}"])
+        self.eval_file.flush()
+        return returns
+
+    def progress(self, step: int, epsilon: float, recent_returns: deque) -> None:
+        elapsed = self.wall_seconds()
+        recent = np.mean(recent_returns) if recent_returns else float("nan")
+        print(f"step {step:>8}/{self.args.total_timesteps} | SPS {step / elapsed:6.0f} | "
+              f"eps {epsilon:.3f} | return(100) {recent:8.2f} | eval {self.last_eval:8.2f} | "
+              f"ETA {elapsed * (self.args.total_timesteps / step - 1):5.0f}s", flush=True)
+
+    def close(self, diverged: str) -> None:
+        self.eval_file.close()
+        self.writer.close()
+        if self.tracking is not None:
+            self.tracking.finish(exit_code=1 if diverged else 0)
+
+
 def train(args: Args) -> dict:
     """Trains one agent; returns its final eval returns, training episode returns, run dir, replay and steps."""
     check_args(args)
-    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
-
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = make_env(args.env_id)
     obs_dim, n_actions = env.observation_space.shape[0], int(env.action_space.n)
     evaluate = Evaluator(args.env_id, args.eval_episodes, args.eval_epsilon, args.seed + 10_000, device)
-
     q_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
     target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
     target_network.load_state_dict(q_network.state_dict())
@@ -428,53 +488,36 @@ def train(args: Args) -> dict:
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     replay = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
     action_rng = np.random.default_rng(args.seed)
+    log = RunLog(args)
 
-    run_dir = make_run_dir(args)
-    tracking = start_tracking(args, run_dir) if args.track else None
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-    eval_file = open(os.path.join(run_dir, "eval.csv"), "w", newline="")
-    eval_csv = csv.writer(eval_file)
-    eval_csv.writerow(["step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
-
-    def run_evaluation(step: int) -> np.ndarray:
-        returns = evaluate(q_network)
-        writer.add_scalar("eval/episodic_return", returns.mean(), step)
-        eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
-                           f"{time.time() - start_time:.2f}"])
-        eval_file.flush()
-        return returns
-
-    episode_returns = []
-    recent_returns = deque(maxlen=100)
-    last_eval = float("nan")
+    episode_returns, recent_returns = [], deque(maxlen=100)
     episode_return, episode_length = 0.0, 0
     obs, _ = env.reset(seed=args.seed)
-    start_time = time.time()
     exploration_steps = int(args.exploration_fraction * args.total_timesteps)
     solved_return = env.spec.reward_threshold if args.stop_when_solved else None
     diverged = ""  # what went non-finite, and when
+    log.start_clock()
     for global_step in range(1, args.total_timesteps + 1):
+        # act: epsilon-greedy, epsilon annealed linearly
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         with torch.no_grad():  # a batch of one observation
             action = int(epsilon_greedy(q_network, torch.as_tensor(obs, device=device)[None], epsilon, n_actions,
                                         action_rng)[0])
+        # step, then store. At truncation next_obs is the real final observation (no autoreset here), so the
+        # bootstrap from it is correct; only `terminated` marks a state with no future.
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        # At truncation next_obs is the real final observation (no autoreset here), so the bootstrap from
-        # it is correct; only `terminated` marks a state with no future.
         replay.add(obs, action, reward * args.reward_scale, next_obs, terminated)
         episode_return += reward
         episode_length += 1
         obs = next_obs
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            log.episode_over(episode_return, episode_length, global_step)
             recent_returns.append(episode_return)
             episode_returns.append(episode_return)
             episode_return, episode_length = 0.0, 0
             obs, _ = env.reset()
 
+        # learn: gradient_steps updates every train_frequency steps once learning starts; sync the target network
         if global_step > args.learning_starts and global_step % args.train_frequency == 0:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
@@ -484,48 +527,36 @@ def train(args: Args) -> dict:
             # about every 100 env steps, whatever the train frequency: logging each phase of a small
             # train frequency costs more than the updates of a small network
             if global_step % LOG_EVERY < args.train_frequency:
-                loss, q_mean = loss.item(), q_mean.item()
-                if not (math.isfinite(loss) and math.isfinite(q_mean)):
-                    diverged = f"at step {global_step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+                diverged = log.update(global_step, loss, q_mean, epsilon)
+                if diverged:
                     break
-                writer.add_scalar("losses/td_loss", loss, global_step)
-                writer.add_scalar("losses/q_values", q_mean, global_step)
-                writer.add_scalar("charts/epsilon", epsilon, global_step)
-                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
         target_sync.step()
 
+        # evaluate (and stop once surely solved), report
         if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
-            returns = run_evaluation(global_step)
-            last_eval = returns.mean()
+            returns = log.evaluate(evaluate, q_network, global_step)
             if solved_return is not None and surely_reaches(returns, solved_return):
-                print(f"step {global_step}: eval {last_eval:.2f} ± {returns.std():.2f} reached {args.env_id}'s "
+                print(f"step {global_step}: eval {returns.mean():.2f} ± {returns.std():.2f} reached {args.env_id}'s "
                       f"reward threshold {solved_return:g}, training stops (--no-stop-when-solved trains on)",
                       flush=True)
                 break
         if args.progress_every and global_step % args.progress_every == 0:
-            elapsed = time.time() - start_time
-            recent = np.mean(recent_returns) if recent_returns else float("nan")
-            print(f"step {global_step:>8}/{args.total_timesteps} | SPS {global_step / elapsed:6.0f} | "
-                  f"eps {epsilon:.3f} | return(100) {recent:8.2f} | eval {last_eval:8.2f} | "
-                  f"ETA {elapsed * (args.total_timesteps / global_step - 1):5.0f}s", flush=True)
+            log.progress(global_step, epsilon, recent_returns)
 
     final_returns = None
     if not diverged:
-        final_returns = run_evaluation(global_step)
+        final_returns = log.evaluate(evaluate, q_network, global_step)
         print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
-              f"{final_returns.std():.2f} (wall {time.time() - start_time:.1f}s)", flush=True)
+              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
         if args.save_model:
-            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            model_path = os.path.join(log.run_dir, f"{args.exp_name}.pt")
             save_model(model_path, q_network, args, obs_dim, n_actions)
             print(f"model saved to {model_path}")
-    eval_file.close()
-    writer.close()
+    log.close(diverged)
     env.close()
-    if tracking is not None:
-        tracking.finish(exit_code=1 if diverged else 0)
     if diverged:
         raise TrainingDiverged(f"training diverged: {diverged}; no model was saved; try a smaller --learning-rate")
-    return {"final_returns": final_returns, "episode_returns": episode_returns, "run_dir": run_dir,
+    return {"final_returns": final_returns, "episode_returns": episode_returns, "run_dir": log.run_dir,
             "replay": replay, "steps": global_step, "q_network": q_network}
 
 
