@@ -1,5 +1,6 @@
-"""Puts each bug of the seed back into a copy of the repository, one at a time, runs the suite's fast tests
-there, and prints which tests caught it. Every bug must be caught by at least one test; exit status 1 if not.
+"""Puts each bug of the article "Learnings from reproducing DQN for Atari games" back into a copy of the
+repository, one at a time, runs the suite's fast tests there, and prints which tests caught it. Every bug must
+be caught by at least one test; exit status 1 if not.
 
     python tests/reintroduce_seed_bugs.py            # about 30 minutes on two cores
 
@@ -22,7 +23,7 @@ LEARNER = [
      "loss = 0.5 * F.smooth_l1_loss(q_taken, target)"),
     ("backprop through the target network", "@torch.no_grad()  # the target is a constant", "# the target"),
     ("`done` where `1 - done` belongs", "gamma * next_q * (1.0 - terminated)", "gamma * next_q * terminated"),
-    ("target-sync counter never incremented", "        self.steps += 1  # the seed's", "        pass  # the seed's"),
+    ("target-sync counter never incremented", "        self.steps += 1  # the article's", "        pass  # the article's"),
 ]
 BUGS = {
     "dqn.py": LEARNER + [
