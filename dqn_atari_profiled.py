@@ -1643,7 +1643,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                 batch = replay.sample(args.batch_size)
                 PHASES.lap("sampling and transfer")
                 loss_and_q = run.update(*batch)  # OverlappedUpdates: None at its first call
-                if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped
+                if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: no td_update laps
                     PHASES.lap("update: CUDA graph")
                 if torch_profiler is not None:
                     torch_profiler.step()

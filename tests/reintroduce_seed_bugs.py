@@ -23,7 +23,8 @@ LEARNER = [
      "loss = 0.5 * F.smooth_l1_loss(q_taken, target)"),
     ("backprop through the target network", "@torch.no_grad()  # the target is a constant", "# the target"),
     ("`done` where `1 - done` belongs", "gamma * next_q * (1.0 - terminated)", "gamma * next_q * terminated"),
-    ("target-sync counter never incremented", "        self.steps += 1  # the article's", "        pass  # the article's"),
+    ("target-sync counter never incremented", "        self.steps += 1  # the article's",
+     "        pass  # the article's"),
 ]
 BUGS = {
     "dqn.py": LEARNER + [

@@ -144,8 +144,8 @@ def test_a_stop_signal_taken_by_a_worker_thread_is_handled_at_once():
         raise Stopped
 
     never_done = Future()
-    handlers = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop), signal.SIGALRM: signal.signal(signal.SIGALRM,
-                                                                                                   lambda *_: None)}
+    handlers = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGUSR1, stop), (signal.SIGALRM, lambda *_: None))}
     worker = threading.Timer(0.2, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGUSR1))
     signal.alarm(10)  # the bound on a hang: its signal goes to the main thread, which then runs both handlers
     started = time.monotonic()

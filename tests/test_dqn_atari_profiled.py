@@ -50,7 +50,7 @@ ADDED = {
     "progress_every: int = 5_000",
     "batch = replay.sample(args.batch_size)",
     "loss_and_q = run.update(*batch)  # OverlappedUpdates: None at its first call",
-    """if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: td_update's laps are skipped""",
+    """if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: no td_update laps""",
     "if global_step <= run.updates_begin_at < global_step + args.num_envs:",
 }
 HARNESS = ("PHASES", "profile", "py_spy", "py-spy", "recorders", "steps_run", "trace_path", "cProfile", "pstats")
