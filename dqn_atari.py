@@ -87,7 +87,8 @@ class Args:
     """clip the gradient's global L2 norm to this (0 disables, as CleanRL; SB3 uses 10)"""
     bf16: bool = False
     """run the learner's convolutions and 512-unit layer under bfloat16 autocast (fast on GPUs and on CPUs
-    with AVX512-BF16 or AMX); the weights, the Q-value head, the TD targets, the loss and acting stay float32"""
+    with AVX-512; on an AVX2 CPU many times slower than float32, and the run warns); the weights, the Q-value
+    head, the TD targets, the loss and acting stay float32"""
     cuda_graphs: bool = True
     """on CUDA, record the update and the greedy action once each as a CUDA graph and replay it: the same kernels
     on the same memory (the same numbers), launched at once instead of one by one from Python, which at batch
@@ -1297,6 +1298,10 @@ class Run:
         torch.set_num_threads(self.threads_before)
 
 
+def cpu_has_bf16_kernels() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 kernels need AVX-512
+
+
 def build_run(args: Args) -> Run:
     """Seeds, then makes a fresh run at step 0: the games, preprocessing and evaluation, the two networks, the
     optimizer and its update (plain, CUDA-graphed or overlapped), the target sync and the replay."""
@@ -1307,6 +1312,9 @@ def build_run(args: Args) -> Run:
         torch.set_num_threads(max(1, min(threads_before, cores - (args.num_envs - 1))))
     keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
+        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
+              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
     games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
                   args.repeat_action_probability)
     preprocess = FramePreprocessor(games.raw_shape, device)

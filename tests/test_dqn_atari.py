@@ -326,6 +326,15 @@ def test_bf16_update_keeps_float32_weights_head_and_targets_and_steps_like_float
     assert (steps[0].sign() == steps[1].sign()).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("bf16, kernels, warned", [(True, False, True), (True, True, False), (False, False, False)])
+def test_bf16_on_a_cpu_that_emulates_it_warns_once_at_the_start(tmp_path, capsys, monkeypatch, bf16, kernels, warned):
+    """Without AVX-512 an update under --bf16 took 12 times as long as in float32: a silent trap."""
+    monkeypatch.setattr(atari, "cpu_has_bf16_kernels", lambda: kernels)
+    atari.build_run(small_args(tmp_path, bf16=bf16)).close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--bf16" in line]
+    assert len(warnings) == int(warned), warnings
+
+
 def test_updates_reuse_freed_memory_instead_of_page_faulting_it_back():
     """Without keep_freed_memory(), glibc handed the update's big blocks back to the kernel after each update, and
     the next one faulted them in again: 800 to 4,000 minor page faults an update on the development machine."""
