@@ -341,10 +341,16 @@ def plot_groups(path: Path, title: str, groups: list, threshold) -> None:
 
 
 def machine_description() -> str:
+    """The CPU names its vector instructions too: a model name such as "AMD EPYC" covers CPUs with and without
+    AVX-512, and --bf16 is many times faster with it than without."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
+        cpu += " with " + next(name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                                                        ("avx2", "AVX2"), ("", "no AVX2")) if not flag or flag in flags)
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
