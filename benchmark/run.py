@@ -349,8 +349,8 @@ def machine_description() -> str:
             info = f.read().splitlines()
         cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
-        cpu += " with " + next(name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
-                                                        ("avx2", "AVX2"), ("", "no AVX2")) if not flag or flag in flags)
+        widest = {"avx512_bf16": "AVX-512 BF16", "avx512f": "AVX-512", "avx2": "AVX2"}  # the first one it has
+        cpu += " with " + next((name for flag, name in widest.items() if flag in flags), "no AVX2")
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"

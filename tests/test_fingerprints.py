@@ -37,7 +37,7 @@ def machine_kind() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
     return {"cpu": model, "vector instructions": torch.backends.cpu.get_cpu_capability(),
-            "native bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "torch": torch.__version__}
+            "native bf16": atari.cpu_has_bf16_kernels(), "torch": torch.__version__}
 
 
 def fingerprint(q_network: torch.nn.Module, game_returns: list) -> str:
