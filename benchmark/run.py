@@ -16,6 +16,13 @@ the training return, read from each run's tensorboard events (`charts/episodic_r
 unclipped, at the training epsilon, as CleanRL logs it): <env>_training.csv (every game of every seed) and
 <env>_training.png (the mean over seeds of each seed's last 100 games, a one-standard-error band), with
 published figures marked beside it by `--reference "LABEL=STEP:VALUE,STEP:VALUE"`.
+
+    python benchmark/run.py --save-seeds runs/BreakoutNoFrameskip-v4__dqn_atari__1__* --out benchmark/results/breakout
+
+keeps a finished run's data in the results folder, as files to commit (a run directory dies with its machine):
+<out>/seeds/<run name>/eval.csv (every evaluation) and training.csv (every training game's step and return).
+--from-runs reads such a folder as it reads a run directory, so the report is rebuilt from the committed seeds:
+`--from-runs <out>/seeds/* --out <out>`.
 """
 
 import argparse
@@ -187,8 +194,12 @@ TRAINING_GRID = 10_000  # env steps between the points of a training curve
 
 
 def read_training_returns(run_dir: Path) -> list:
-    """(step, return) of every training game of a run, from its tensorboard events; [] when it logged none.
-    The events of a resumed run's interrupted tail are dropped, as tensorboard drops them."""
+    """(step, return) of every training game of a run, from the training.csv --save-seeds keeps, else from its
+    tensorboard events; [] when it logged none. The events of a resumed run's interrupted tail are dropped, as
+    tensorboard drops them."""
+    if (run_dir / "training.csv").is_file():
+        with open(run_dir / "training.csv") as f:
+            return [(int(row["step"]), float(row["episodic_return"])) for row in csv.DictReader(f)]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every event
@@ -271,6 +282,21 @@ def result_from_run_dir(run_dir: Path) -> RunResult:
     env_id = parts[0].replace("ALE-", "ALE/", 1)  # the scripts write ALE/Pong-v5's runs as ALE-Pong-v5
     return RunResult(env_id, int(parts[2]), float(curve[-1]["wall_seconds"]) if curve else 0.0, curve,
                      training=read_training_returns(run_dir))
+
+
+def save_seed(run_dir: Path, out: Path) -> Path:
+    """A finished run's evaluations and training games, copied to <out>/seeds/<run name>/ (see the docstring)."""
+    result = result_from_run_dir(run_dir)
+    if not result.curve or not result.training:
+        raise ValueError(f"{run_dir} has no evaluation or no training game to keep")
+    kept = out / "seeds" / run_dir.name
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "eval.csv").write_text((run_dir / "eval.csv").read_text())
+    with open(kept / "training.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "episodic_return"])
+        writer.writerows([step, f"{value:g}"] for step, value in sorted(result.training))
+    return kept
 
 
 def mean_and_se(values) -> tuple:
@@ -438,9 +464,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="folder for CSVs, PNGs, logs and summary.md")
     parser.add_argument("--from-runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="report these finished run directories instead of training")
+    parser.add_argument("--save-seeds", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="keep these finished runs' evaluations and training games in <out>/seeds/, to commit")
     parser.add_argument("--reference", action="append", default=[], metavar="LABEL=STEP:VALUE,...",
                         help="with --from-runs: published training returns to mark beside the curve (repeatable)")
     args = parser.parse_args(argv[:split])
+    if args.save_seeds:
+        out = output_folder(parser, args.out)
+        try:
+            for run_dir in args.save_seeds:
+                print(f"kept {run_dir} in {save_seed(run_dir, out)}")
+        except ValueError as error:
+            parser.error(str(error))
+        return
     if args.from_runs:
         try:
             results = [result_from_run_dir(run_dir) for run_dir in args.from_runs]

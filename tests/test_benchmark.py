@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,19 @@ def test_training_returns_from_tensorboard_events_beside_published_points(tmp_pa
     assert (out / "BreakoutNoFrameskip-v4_training.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         bench.main(["--from-runs", *run_dirs, "--out", str(out), "--reference", "no points"])
+
+    # kept as files to commit, then the report rebuilt from them alone, once the run directories are gone
+    kept = tmp_path / "kept"
+    bench.main(["--save-seeds", *run_dirs, "--out", str(kept)])
+    training = (out / "BreakoutNoFrameskip-v4_training.csv").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    seeds = sorted(str(path) for path in (kept / "seeds").iterdir())
+    assert [Path(seed).name for seed in seeds] == [Path(run_dir).name for run_dir in run_dirs]
+    bench.main(["--from-runs", *seeds, "--out", str(kept), "--reference", "paper, read off=10000:50,20000:90"])
+    assert "164.5 ± 5.0 over 2 seeds" in (kept / "summary.md").read_text()
+    assert (kept / "BreakoutNoFrameskip-v4_training.csv").read_text() == training
+    with pytest.raises(SystemExit):  # a directory with no run in it is refused, not kept empty
+        bench.main(["--save-seeds", str(tmp_path / "kept"), "--out", str(tmp_path / "nothing")])
 
 
 def test_speed_comparison_end_to_end(tmp_path):
