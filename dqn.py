@@ -112,12 +112,12 @@ class TrainingDiverged(Exception):
 
 def check_args(args: Args) -> None:
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "gradient_steps",
-                "target_network_frequency", "eval_episodes", "reward_scale"]
+                "target_network_frequency", "eval_episodes", "reward_scale", "learning_rate"]
     for name in positive:
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:  # written so that NaN fails it too
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["learning_starts", "eval_every", "progress_every", "max_grad_norm"]:
-        if getattr(args, name) < 0:
+        if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ["start_e", "end_e", "eval_epsilon", "gamma"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
@@ -245,36 +245,17 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
 
 
-class TargetSync:
-    """Copies the online network into the target network every `every` calls of step() (one per env step)."""
-
-    def __init__(self, q_network: nn.Module, target_network: nn.Module, every: int):
-        self.q_network, self.target_network, self.every = q_network, target_network, every
-        self.steps = 0
-        self.syncs = 0
-
-    def step(self) -> None:
-        self.steps += 1  # the article's counter was never incremented, so its target network never moved
-        if self.steps % self.every == 0:
-            self.target_network.load_state_dict(self.q_network.state_dict())
-            self.syncs += 1
-
-
 # ---- Update ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()  # the target is a constant: no graph through the target network, so no gradient reaches it
-def td_target(target_network, rewards, next_obs, terminated, gamma: float) -> torch.Tensor:
-    """r + gamma * max_a' Q_target(s', a'), with the bootstrap cut where the episode terminated."""
-    next_q = target_network(next_obs).max(dim=1).values
-    # (1 - terminated): a terminal state has no future. terminated, not truncated: a time limit is not one.
-    return rewards + gamma * next_q * (1.0 - terminated)
-
-
 def td_update(q_network, target_network, optimizer, batch, gamma: float, max_grad_norm: float):
-    """One gradient step on the Huber TD error. Returns (loss, mean Q of the taken actions), both detached."""
+    """One gradient step on the Huber TD error of a batch (obs, actions, rewards, next_obs, terminated).
+    Returns (loss, mean Q of the taken actions), both detached."""
     obs, actions, rewards, next_obs, terminated = batch
-    target = td_target(target_network, rewards, next_obs, terminated, gamma)
+    with torch.no_grad():  # the target is a constant: no graph through the target network, so no gradient reaches it
+        next_q = target_network(next_obs).max(dim=1).values
+        # (1 - terminated): a terminal state has no future. terminated, not truncated: a time limit is not one.
+        target = rewards + gamma * next_q * (1.0 - terminated)
     q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
     # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
     # (the article's hand-written version was off by a factor of 2).
@@ -282,21 +263,19 @@ def td_update(q_network, target_network, optimizer, batch, gamma: float, max_gra
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
-        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+        nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
     optimizer.step()
     return loss.detach(), q_taken.detach().mean()
 
 
-def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator,
-                   greedy=None) -> np.ndarray:
-    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q, taken by greedy(obs)
-    where the caller has its own (dqn_atari.py's CUDA-graphed one). No forward pass when every one explores."""
+def epsilon_greedy(greedy, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator) -> np.ndarray:
+    """Actions for a batch of observations: uniform with probability epsilon, else greedy(obs), the argmax of Q.
+    No forward pass when every one explores."""
     explore = rng.random(len(obs)) < epsilon
     actions = np.zeros(len(obs), dtype=np.int64)
     actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
     if not explore.all():
-        greedy_actions = greedy(obs) if greedy is not None else torch.argmax(q_network(obs), dim=1)
-        actions[~explore] = greedy_actions.cpu().numpy()[~explore]
+        actions[~explore] = greedy(obs).cpu().numpy()[~explore]
     return actions
 
 
@@ -322,7 +301,8 @@ class Evaluator:
         active = list(range(len(self.envs)))
         while active:
             batch = torch.as_tensor(np.stack([obs[i] for i in active]), device=self.device)
-            actions = epsilon_greedy(q_network, batch, self.epsilon, self.n_actions, self.rng)
+            actions = epsilon_greedy(lambda obs: q_network(obs).argmax(dim=1), batch, self.epsilon, self.n_actions,
+                                     self.rng)
             still_active = []
             for i, action in zip(active, actions):
                 obs[i], reward, terminated, truncated, _ = self.envs[i].step(int(action))
@@ -483,10 +463,11 @@ def train(args: Args) -> dict:
     target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_network.requires_grad_(False)
-    target_sync = TargetSync(q_network, target_network, args.target_network_frequency)
     # fused: one kernel for all parameters instead of ~6 small ops per tensor
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     replay = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
+    def act(obs):  # noqa: E306 (the greedy action: argmax Q)
+        return q_network(obs).argmax(dim=1)
     action_rng = np.random.default_rng(args.seed)
     log = RunLog(args)
 
@@ -501,7 +482,7 @@ def train(args: Args) -> dict:
         # act: epsilon-greedy, epsilon annealed linearly
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         with torch.no_grad():  # a batch of one observation
-            action = int(epsilon_greedy(q_network, torch.as_tensor(obs, device=device)[None], epsilon, n_actions,
+            action = int(epsilon_greedy(act, torch.as_tensor(obs, device=device)[None], epsilon, n_actions,
                                         action_rng)[0])
         # step, then store. At truncation next_obs is the real final observation (no autoreset here), so the
         # bootstrap from it is correct; only `terminated` marks a state with no future.
@@ -517,7 +498,7 @@ def train(args: Args) -> dict:
             episode_return, episode_length = 0.0, 0
             obs, _ = env.reset()
 
-        # learn: gradient_steps updates every train_frequency steps once learning starts; sync the target network
+        # learn: gradient_steps updates every train_frequency steps once learning starts
         if global_step > args.learning_starts and global_step % args.train_frequency == 0:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
@@ -530,7 +511,9 @@ def train(args: Args) -> dict:
                 diverged = log.update(global_step, loss, q_mean, epsilon)
                 if diverged:
                     break
-        target_sync.step()
+        # sync the target network; the article's step counter was never incremented, so its target never moved
+        if global_step % args.target_network_frequency == 0:
+            target_network.load_state_dict(q_network.state_dict())
 
         # evaluate (and stop once surely solved), report
         if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:

@@ -4,23 +4,10 @@
 and the update, the table they make at the end, and --cprofile, --py-spy and --torch-profiler. Its defaults make
 a short run, so `python dqn_atari_profiled.py` says where the time goes in a few minutes.
 
-Read top to bottom; each `# ---- ` header opens a section, in this order:
-  Args, check_args                  the flags (Nature's value in each docstring where ours differs)
-  The game                          ALE behind Nature's wrappers: action repeat, the max of two frames, no-op
-                                    starts, a lost life ends an episode, FIRE serves
-  Preprocessing                     84x84 grayscale on the training device; the stack of the last 4 frames
-  Replay                            uint8 frames, each stored once; stacks rebuilt when a batch is sampled
-  Network, schedule and update      Nature's network, linear epsilon, the TD target, Huber loss, the step
-  Evaluation                        full games at epsilon 0.05
-The parts Nature DQN does without, each under a header that says what it buys and when it is off:
-  Speed                             CUDA graphs, overlapped updates, freed memory kept for reuse
-  Several games at once             --num-envs: worker processes, one game each
-  Checkpoints and resume            what a checkpoint file is, and what loading one trusts
-Then Training: Run (a run's objects, and what a checkpoint holds of them), build_run, RunLog (the files a run
-writes), and train(), whose loop reads in the algorithm's order: act, step, store, learn, sync, then evaluate,
-report and checkpoint. `python dqn_atari.py --env-id BreakoutNoFrameskip-v4` trains; README.md lists the flags.
-Comments that cite "the article" mean "Learnings from reproducing DQN for Atari games", the account this project
-grew from: each mistake it describes has a test that fails if it comes back.
+Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the training device, the replay,
+the network and the TD update, evaluation, the speed-ups attached around the update (--bf16, CUDA graphs),
+checkpoints, the run's files, and train(), whose loop reads as the algorithm: act, step, store, learn, sync.
+"The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
 import cProfile
@@ -34,19 +21,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, Optional
 
 import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.multiprocessing
 import torch.nn.functional as F
 import tyro
 
@@ -66,8 +50,7 @@ class Args:
     env_id: str = "BreakoutNoFrameskip-v4"
     """an ALE game: a *NoFrameskip-v4 id, or an ALE/*-v5 id (action repeat is then ours, not the env's)"""
     repeat_action_probability: Optional[float] = None
-    """sticky actions: the chance the emulator repeats the previous action on each frame. None: the env's
-    own default, 0 for *NoFrameskip-v4 (Nature's setting) and 0.25 for ALE/*-v5 (Machado et al. 2018)"""
+    """sticky actions' chance per frame (None: the env's own, 0 for *NoFrameskip-v4 as Nature, 0.25 for ALE/*-v5)"""
     total_timesteps: int = 20_000
     """total environment (agent) steps of training; one step is frame_skip emulator frames (profiling: short)"""
     optimizer: Literal["adam", "rmsprop"] = "adam"
@@ -75,7 +58,7 @@ class Args:
     learning_rate: float = 1e-4
     """the optimizer's learning rate (Nature's RMSProp: 2.5e-4)"""
     buffer_size: int = 100_000
-    """replay capacity in frames (profiling: 100k, as the size does not change the cost of a step) (one 84x84 uint8 frame per transition, 7.06 GB for 1M)"""
+    """replay capacity in frames (profiling: 100k, as the size does not change the cost of a step)"""
     gamma: float = 0.99
     """discount factor"""
     target_network_frequency: int = 1000
@@ -95,25 +78,10 @@ class Args:
     max_grad_norm: float = 0.0
     """clip the gradient's global L2 norm to this (0 disables, as CleanRL; SB3 uses 10)"""
     bf16: bool = False
-    """run the learner's convolutions and 512-unit layer under bfloat16 autocast (fast on GPUs and on CPUs
-    with AVX-512; on an AVX2 CPU many times slower than float32, and the run warns); the weights, the Q-value
-    head, the TD targets, the loss and acting stay float32"""
+    """the update's convolutions and 512-unit layer in bfloat16 (fast on GPUs and AVX-512 CPUs; on an AVX2 CPU
+    many times slower, and the run warns); weights, Q-value head, targets, loss and acting stay float32"""
     cuda_graphs: bool = True
-    """on CUDA, record the update and the greedy action once each as a CUDA graph and replay it: the same kernels
-    on the same memory (the same numbers), launched at once instead of one by one from Python, which at batch
-    32 sets the pace. No effect on the CPU"""
-    replay_on_gpu: bool = False
-    """on CUDA, keep the replay's frames in GPU memory (7.06 GB for 1M) instead of pinned host memory: a batch
-    is gathered there, with no copy over the bus, and storing a frame needs no sync. The same numbers"""
-    overlap_updates: bool = False
-    """on the CPU, compute each update's gradient in a learner thread while the next train_frequency steps are
-    played, and apply it at the next update step: a batch is then drawn train_frequency steps before its update
-    is applied (see OverlappedUpdates). The two threads get half the torch threads each. No effect on CUDA"""
-    num_envs: int = 1
-    """training games stepped at once, each past the first in a worker process of its own. Every game's
-    step counts as one env step, so train_frequency, learning_starts, target_network_frequency and
-    total_timesteps count transitions as with one game (a run ends at the first multiple of num_envs at or past
-    total_timesteps); game k is seeded with seed + k. 1: Nature's setting"""
+    """on CUDA, record the update and the greedy action once each as a CUDA graph and replay them (same numbers)"""
     frame_skip: int = 4
     """emulator frames per agent step (the action is repeated; the max over the last two is observed)"""
     noop_max: int = 30
@@ -133,13 +101,11 @@ class Args:
     checkpoint_replay: bool = False
     """include the replay in checkpoints (buffer_size x 7 KB), so a resumed run continues exactly"""
     resume: str = ""
-    """path of a checkpoint: continue that run in its directory (its flags are kept; pass only the ones
-    a resumed run may change, such as --total-timesteps)"""
+    """a checkpoint to continue, in its run directory, with its flags (but those in RESUMABLE, if given)"""
     runs_dir: str = "runs"
     """where each run's directory (tensorboard events, eval.csv, checkpoint, model) is created"""
     track: bool = False
-    """also log the run to Weights & Biases: the tensorboard scalars, the flags, this file and the evaluation
-    GIFs (needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine)"""
+    """also log to Weights & Biases: the scalars, flags, this file and GIFs (pip install wandb; WANDB_MODE=offline)"""
     wandb_project_name: str = "dqn"
     """the Weights & Biases project of --track"""
     wandb_entity: Optional[str] = None
@@ -161,8 +127,7 @@ MAX_GAME_FRAMES = 108_000  # 30 minutes of play at 60 Hz: the usual cap on a gam
 # Flags a resumed run may take from its command line; every other one comes from the checkpoint.
 RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", "progress_every",
              "checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model",
-             "replay_on_gpu", "track", "wandb_project_name", "wandb_entity", "cprofile", "py_spy",
-             "torch_profiler"}
+             "track", "wandb_project_name", "wandb_entity", "cprofile", "py_spy", "torch_profiler"}
 
 
 class ConfigError(Exception):
@@ -176,13 +141,12 @@ class TrainingDiverged(Exception):
 def check_args(args: Args) -> None:
     # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
-                "eval_episodes", "frame_skip", "learning_rate", "learning_starts", "num_envs"]
+                "eval_episodes", "frame_skip", "learning_rate", "learning_starts"]
     for name in positive:
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:  # written so that NaN fails it too
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["eval_every", "progress_every", "max_grad_norm", "noop_max",
-                 "checkpoint_every"]:
-        if getattr(args, name) < 0:
+    for name in ["eval_every", "progress_every", "max_grad_norm", "noop_max", "checkpoint_every"]:
+        if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ["start_e", "end_e", "eval_epsilon", "gamma", "repeat_action_probability"]:
         value = getattr(args, name)
@@ -190,16 +154,12 @@ def check_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     if not 0.0 < args.exploration_fraction <= 1.0:
         raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
-    if args.buffer_size < 2 * STACK * args.num_envs:  # each game's ring must hold two stacks
-        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames per game "
-                          f"({2 * STACK * args.num_envs} for {args.num_envs}), got {args.buffer_size}")
+    if args.buffer_size < 2 * STACK:  # the ring must hold two stacks
+        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames, got {args.buffer_size}")
     if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
         raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
     if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
         raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
-    if args.learning_starts < args.num_envs:  # the first pass stores each ring's newest slot only, none valid yet
-        raise ConfigError(f"--learning-starts must be at least --num-envs ({args.num_envs}), got "
-                          f"{args.learning_starts}")
     if args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
                           f"(--buffer-size {args.buffer_size})")
@@ -216,15 +176,12 @@ def check_args(args: Args) -> None:
 class PhaseTimer:
     """Charges the time since the previous lap() to the phase named: every moment of the loop lands in one
     phase. On CUDA each lap records an event and phases are charged the stream time between events, so GPU
-    work is charged to the phase that queued it, not to whichever later phase happens to wait for it.
-    With --overlap-updates (CPU), laps in the learner thread run on a clock of their own, as "learner: ..."
-    phases beside the loop's: its busy time, and the rest of the wall as its idle time."""
+    work is charged to the phase that queued it, not to whichever later phase happens to wait for it."""
 
     def __init__(self):
         self.totals, self.calls = defaultdict(float), defaultdict(int)
         self.cuda = False
         self.pending = []  # CUDA: (phase, end event), resolved in batches
-        self.learner_last = None  # the learner thread's clock; None until its next job starts (mark)
 
     def start(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -232,24 +189,11 @@ class PhaseTimer:
         self.calls.clear()
         self.pending.clear()  # CUDA: laps before a restart are not charged against the new first event
         self.last_time = time.perf_counter()
-        self.learner_last = None
         if self.cuda:
             self.last_event = torch.cuda.Event(enable_timing=True)
             self.last_event.record()
 
-    def mark(self) -> None:
-        """In the learner thread, a job starts: the wait before it is charged to no phase (it is idle time)."""
-        if threading.current_thread() is not threading.main_thread():
-            self.learner_last = time.perf_counter()
-
     def lap(self, phase: str) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            now = time.perf_counter()
-            if self.learner_last is not None:  # None: a job started before a restart of the timers
-                self.totals[f"learner: {phase}"] += now - self.learner_last
-                self.calls[f"learner: {phase}"] += 1
-            self.learner_last = now
-            return
         if self.cuda and torch.cuda.is_current_stream_capturing():
             return  # no event can be recorded into a graph being captured; its replays are timed as one phase
         self.calls[phase] += 1
@@ -275,22 +219,12 @@ class PhaseTimer:
 
     def table(self, env_steps: int) -> str:
         self.resolve()
-        loop = {phase: seconds for phase, seconds in self.totals.items() if not phase.startswith("learner: ")}
-        learner = {phase: seconds for phase, seconds in self.totals.items() if phase.startswith("learner: ")}
-        wall = sum(loop.values())
-        if learner:
-            learner["learner: idle"] = max(0.0, wall - sum(learner.values()))
-
-        def row(phase: str, seconds: float, calls) -> str:
-            return f"{phase:<36} {1000 * seconds / env_steps:>16.3f} {100 * seconds / wall:>9.1f}% {calls:>9}"
-
+        wall = sum(self.totals.values())
         lines = [f"{'phase':<36} {'ms per env step':>16} {'% of wall':>10} {'calls':>9}"]
-        lines += [row(phase, seconds, self.calls[phase]) for phase, seconds in sorted(loop.items(), key=lambda i: -i[1])]
-        lines.append(row("total", wall, f"{env_steps} env steps"))
-        if learner:  # its own clock: busy phases and idle add up to the wall time
-            lines.append("the learner thread, beside the loop:")
-            lines += [row(phase, seconds, self.calls[phase] or "-")
-                      for phase, seconds in sorted(learner.items(), key=lambda i: -i[1])]
+        for phase, seconds in sorted(self.totals.items(), key=lambda item: -item[1]):
+            lines.append(f"{phase:<36} {1000 * seconds / env_steps:>16.3f} {100 * seconds / wall:>9.1f}% "
+                         f"{self.calls[phase]:>9}")
+        lines.append(f"{'total':<36} {1000 * wall / env_steps:>16.3f} {100.0:>9.1f}% {env_steps:>9} env steps")
         return "\n".join(lines)
 
 
@@ -347,17 +281,13 @@ def make_ale_env(env_id: str, repeat_action_probability: Optional[float]) -> gym
 
 
 class AtariGame:
-    """One ALE game behind Nature DQN's wrappers, its frames left raw for the device-side preprocessing.
+    """One ALE game behind Nature's wrappers; its frames stay raw for the preprocessing on the device.
 
-    step() repeats the action for frame_skip frames and returns the last two raw 210x160 grayscale frames
-    (their max removes the flicker of sprites drawn every other frame). A game starts with 1..noop_max
-    random no-op frames. With end_on_life_loss (training), a lost life ends the episode but not the game:
-    the next reset() continues it, so the agent learns that a life has value without replaying whole
-    games from the start (the article trained on full games). In games that wait for FIRE to serve, FIRE is
-    pressed at every start and after every lost life, in training and evaluation alike: the serve takes no
-    skill, and without it an episode starts with an idle stretch only FIRE ends (the article's Breakout idled).
-    Episode statistics (`game_return`, `game_length`) count whole games with unclipped rewards.
-    """
+    step() repeats the action frame_skip times and returns the last two 210x160 grayscale frames (their max
+    hides sprites drawn every other frame). A game starts with 1..noop_max no-ops. With end_on_life_loss
+    (training), a lost life ends the episode but not the game (the article trained on whole games). FIRE serves
+    at every start and after every lost life where a game waits for it (the article's Breakout idled).
+    game_return and game_length count whole games with unclipped rewards."""
 
     def __init__(self, env_id: str, seed: int, frame_skip: int = 4, noop_max: int = 30,
                  end_on_life_loss: bool = True, repeat_action_probability: Optional[float] = None):
@@ -379,16 +309,18 @@ class AtariGame:
         self.game_return, self.game_length = 0.0, 0
 
     def _act(self, action: int, frames: int):
-        """Emulates `frames` frames; returns (reward, game over, truncated). Every frame's screen lands in
-        raw[k % 2], so raw always holds the last two emulated frames, even when the game ends early."""
-        reward = 0.0
+        """Emulates `frames` frames into raw[k % 2], so raw holds the last two; returns (reward, game over,
+        truncated). After a single frame both hold it: no max (as AtariPreprocessing at frame skip 1)."""
+        reward, game_over, truncated = 0.0, False, False
         for k in range(frames):
             reward += self.ale.act(self.action_set[action])
             self.ale.getScreenGrayscale(self.raw[k % 2])
             game_over, truncated = self.ale.game_over(with_truncation=False), self.ale.game_truncated()
             if game_over or truncated:
-                return reward, game_over, truncated
-        return reward, False, False
+                break
+        if frames == 1:
+            self.raw[1] = self.raw[0]
+        return reward, game_over, truncated
 
     def reset(self) -> np.ndarray:
         """Starts a training episode: a new game if the last one ended, else the next life. Returns raw."""
@@ -418,10 +350,7 @@ class AtariGame:
         self.game_return += reward
         self.game_length += 1
         lives = self.ale.lives()
-        # a life lost on the step that hits the frame cap still ends the training episode (terminated and
-        # truncated both): the bootstrap must not reach across a lost life
-        # as SB3's EpisodicLifeEnv: a counter reaching 0 is the game's end, which some games report a few frames
-        # later; ending the episode there too would end it twice
+        # lives reaching 0 is the game's end, which some games report frames later: not a second end (as SB3)
         life_lost = 0 < lives < self.lives and not game_over
         self.lives = lives
         if life_lost and not self.end_on_life_loss and self.fire_action is not None and not truncated:
@@ -431,12 +360,12 @@ class AtariGame:
         return self.raw, reward, terminated, truncated, self.game_over
 
     def state(self) -> dict:
-        """Everything needed to continue this game exactly (emulator with its RNG, wrapper fields). The emulator
-        is kept in ale-py's own byte format, as a uint8 tensor: loading it never unpickles anything."""
+        """All that continues this game exactly; the emulator as ale-py's bytes, which load without unpickling."""
         emulator = self.ale.cloneState(include_rng=True).serialize()
-        return {"ale": torch.frombuffer(bytearray(emulator), dtype=torch.uint8), "raw": torch.from_numpy(self.raw.copy()),
-                "rng": self.rng.bit_generator.state, "game_over": self.game_over, "lives": self.lives,
-                "game_return": self.game_return, "game_length": self.game_length}
+        return {"ale": torch.frombuffer(bytearray(emulator), dtype=torch.uint8),
+                "raw": torch.from_numpy(self.raw.copy()), "rng": self.rng.bit_generator.state,
+                "game_over": self.game_over, "lives": self.lives, "game_return": self.game_return,
+                "game_length": self.game_length}
 
     def load_state(self, state: dict) -> None:
         try:
@@ -449,33 +378,12 @@ class AtariGame:
         self.game_return, self.game_length = state["game_return"], state["game_length"]
 
 
-class Outcome(NamedTuple):
-    """One training game's step, as the loop needs it (game_return and game_length: the whole game so far)."""
-    reward: float
-    terminated: bool
-    truncated: bool
-    game_over: bool
-    game_return: float
-    game_length: int
-
-
-def step_game(game: AtariGame, action: int, step_frames: np.ndarray, reset_frames: np.ndarray) -> Outcome:
-    """Steps a training game: its last two raw frames go to `step_frames` and, when its episode ended, the next
-    episode's first frames to `reset_frames` (the reset happens here, where the game is)."""
-    raw, reward, terminated, truncated, game_over = game.step(action)
-    step_frames[:] = raw
-    outcome = Outcome(reward, terminated, truncated, game_over, game.game_return, game.game_length)
-    if terminated or truncated:
-        reset_frames[:] = game.reset()
-    return outcome
-
-
 # ---- Preprocessing on the training device ------------------------------------------------------------------
 
 
 def area_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) matrix averaging each output cell over its share of input pixels, fractions included:
-    OpenCV's INTER_AREA shrink, which gymnasium's AtariPreprocessing uses, written as a matrix."""
+    """(n_out, n_in) matrix averaging each output cell over its share of input pixels: OpenCV's INTER_AREA
+    shrink, which gymnasium's AtariPreprocessing uses."""
     scale = n_in / n_out
     weights = torch.zeros(n_out, n_in, dtype=torch.float64)
     for i in range(n_out):
@@ -486,11 +394,8 @@ def area_weights(n_in: int, n_out: int) -> torch.Tensor:
 
 
 class FramePreprocessor:
-    """Raw frame pairs -> 84x84 uint8 frames, on the training device (on a GPU, frames shrink there).
-
-    The emulator already gives grayscale (one channel, its own luminance table), so what is left is the max
-    over the two frames and the area resize, done as rows @ frame @ cols: two small matmuls.
-    """
+    """Raw frame pairs -> 84x84 uint8 frames on the training device: the max of the two (the emulator gives
+    grayscale already), then the area resize as rows @ frame @ cols, two small matmuls."""
 
     def __init__(self, raw_shape: tuple[int, int], device: torch.device):
         self.device = device
@@ -503,201 +408,131 @@ class FramePreprocessor:
         return (self.rows @ frames @ self.cols).round_().to(torch.uint8)
 
 
-class FrameStack:
-    """Each training game's observation, (games, 4, 84, 84) on the device: its last 4 preprocessed frames.
-    A new episode's first frame fills all 4 slots (the replay rebuilds stacks the same way)."""
-
-    def __init__(self, n_games: int, device: torch.device):
-        self.frames = torch.zeros(n_games, STACK, FRAME_SIZE, FRAME_SIZE, dtype=torch.uint8, device=device)
-
-    def reset(self, first_frames: torch.Tensor, games=slice(None)) -> torch.Tensor:
-        """first_frames: (len(games), 84, 84), new episodes' first frames for the games listed."""
-        self.frames[games] = first_frames.unsqueeze(1)
-        return self.frames
-
-    def push(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames: (games, 84, 84), every game's newest frame."""
-        self.frames = torch.cat([self.frames[:, 1:], frames.unsqueeze(1)], dim=1)
-        return self.frames
-
-    def state(self) -> torch.Tensor:
-        return self.frames.cpu()
-
-    def load_state(self, frames: torch.Tensor) -> None:
-        self.frames = frames.to(self.frames.device).view(self.frames.shape)
+def first_stack(frames: torch.Tensor) -> torch.Tensor:
+    """(games, 84, 84) first frames of new episodes -> (games, 4, 84, 84) stacks: the frame fills all 4 slots
+    (the replay rebuilds stacks the same way)."""
+    return frames.unsqueeze(1).repeat(1, STACK, 1, 1)
 
 
 # ---- Replay ------------------------------------------------------------------------------------------------
 
 
 def available_memory_bytes() -> Optional[int]:
-    try:
+    try:  # Linux's estimate of what can be allocated without swapping
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None  # not Linux: no check
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None  # not Linux: no check
 
 
 class FrameReplay:
-    """A ring of single 84x84 uint8 frames; stacks are rebuilt from them when sampled.
+    """A ring of single 84x84 uint8 frames, each stored once (not 8 times in (s, s') stacks); stacks are rebuilt
+    when sampled. Slot i holds s_t's newest frame with a_t, r_t and terminated_t; s_{t+1}'s is in slot i+1. An
+    episode's final frame takes a slot that starts no transition (the bootstrap at truncation needs it).
+    history[i] = min(steps into the episode, 3): how far back slot i's stack reaches (at an episode start the
+    first frame repeats, as first_stack does). Sampling is randint over the filled slots, redrawing the few
+    that start no transition, lack s_{t+1} or lost a frame to the write pointer. On CUDA the frames are pinned."""
 
-    Slot i holds the newest frame of observation s_t with a_t, r_t and terminated_t; s_{t+1}'s newest frame
-    is in slot i+1, written by the next add(). When an episode ends, its final frame takes a slot of its own
-    that starts no transition (the bootstrap at truncation needs it). `history[i]` = min(steps into the
-    episode, 3) says how far back the stack of slot i may reach: never across an episode start (there the
-    first frame repeats, as FrameStack does). So each frame is stored once, not 8 times as (s, s') stacks.
-
-    A slot is sampled only if it starts a transition, its s_{t+1} has been written (not the newest slot) and
-    no frame of its stack has been overwritten by the write pointer. Sampling is randint over the filled
-    slots, redrawing the few invalid ones; the frames live in pinned memory on CUDA so a batch is copied
-    to the device asynchronously.
-
-    With several training games (`games`), each game writes to a ring of its own, capacity // games
-    slots, so its stacks stay contiguous; a batch draws from all the rings alike.
-    """
-
-    # the per-slot fields beside the frame, one array each (self.actions, self.rewards, ...)
-    FIELDS = {"actions": np.int64, "rewards": np.float32, "terminated": np.bool_, "history": np.uint8,
-              "starts_transition": np.bool_}
-
-    def __init__(self, capacity: int, device: torch.device, seed, games: int = 1, on_device: bool = False):
-        self.games, self.ring = games, capacity // games
-        capacity = self.ring * games
-        slot_bytes = FRAME_SIZE * FRAME_SIZE + sum(np.dtype(dtype).itemsize for dtype in self.FIELDS.values())
-        needed = capacity * slot_bytes
-        on_device = on_device and device.type == "cuda"
-        available = torch.cuda.mem_get_info(device)[0] if on_device else available_memory_bytes()
-        if available is not None and needed > available:
-            raise ConfigError(f"a replay of {capacity:,} frames needs {needed / 1e9:.2f} GB but only "
-                              f"{available / 1e9:.2f} GB is available{' on the GPU' if on_device else ''}; pass "
-                              "a smaller --buffer-size")
+    def __init__(self, capacity: int, device: torch.device, seed):
+        slot_bytes = FRAME_SIZE * FRAME_SIZE + 8 + 4 + 1 + 1 + 1  # frame, action, reward, three flags
+        self.nbytes = capacity * slot_bytes
+        available = available_memory_bytes()
+        if available is not None and self.nbytes > available:
+            raise ConfigError(f"a replay of {capacity:,} frames needs {self.nbytes / 1e9:.2f} GB but only "
+                              f"{available / 1e9:.2f} GB is available; pass a smaller --buffer-size")
         self.capacity, self.device = capacity, device
-        self.pinned = device.type == "cuda" and not on_device
+        self.pinned = device.type == "cuda"
         # zeros, not empty: touch every page now, so a buffer that cannot fit fails here, not hours later
-        self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned,
-                                  device=device if on_device else "cpu")
-        for name, dtype in self.FIELDS.items():
-            setattr(self, name, np.zeros(capacity, dtype=dtype))
-        # per ring: the next slot to write (its oldest once full), the slots filled, the current episode's steps
-        self.positions = np.zeros(games, dtype=np.int64)
-        self.sizes = np.zeros(games, dtype=np.int64)
-        self.episode_steps = np.zeros(games, dtype=np.int64)
+        self.frames = torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.bool_)
+        self.history = np.zeros(capacity, dtype=np.uint8)
+        self.starts_transition = np.zeros(capacity, dtype=np.bool_)
+        self.position = 0  # the next slot to write (the oldest, once full)
+        self.size = 0  # slots filled
+        self.episode_steps = 0  # steps of the current episode stored so far
         self.rng = np.random.default_rng(seed)
-        self.staging = torch.empty((0,), dtype=torch.uint8, pin_memory=self.pinned)
-        self.copy_done = None
-        self.nbytes = needed
 
-    @property
-    def size(self) -> int:
-        """Slots filled, over all rings."""
-        return int(self.sizes.sum())
-
-    def _write(self, frame: torch.Tensor, starts_transition: bool, game: int) -> int:
-        i = game * self.ring + int(self.positions[game])
+    def _write(self, frame: torch.Tensor, starts_transition: bool) -> int:
+        i = self.position
         self.frames[i].copy_(frame)
-        self.history[i] = min(self.episode_steps[game], STACK - 1)
+        self.history[i] = min(self.episode_steps, STACK - 1)
         self.starts_transition[i] = starts_transition
-        self.positions[game] = (self.positions[game] + 1) % self.ring
-        self.sizes[game] = min(self.sizes[game] + 1, self.ring)
+        self.position = (self.position + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
         return i
 
-    def add(self, frame: torch.Tensor, action: int, reward: float, terminated: bool,
-            episode_end: bool, next_frame: torch.Tensor, game: int = 0) -> int:
-        """Stores (s_t's newest frame, a_t, r_t, terminated) in the ring of training game `game`; at an
-        episode's end also s_{t+1}'s final frame. Returns the slot of the transition."""
-        i = self._write(frame, True, game)
+    def add(self, frame: torch.Tensor, action: int, reward: float, terminated: bool, episode_end: bool,
+            next_frame: torch.Tensor) -> int:
+        """Stores (s_t's newest frame, a_t, r_t, terminated); at an episode's end also s_{t+1}'s final frame.
+        Returns the slot of the transition."""
+        i = self._write(frame, True)
         self.actions[i], self.rewards[i], self.terminated[i] = action, reward, terminated
-        self.episode_steps[game] += 1
+        self.episode_steps += 1
         if episode_end:
-            self._write(next_frame, False, game)
-            self.episode_steps[game] = 0
+            self._write(next_frame, False)
+            self.episode_steps = 0
         return i
 
-    def start_mid_episode(self, stack: torch.Tensor, game: int = 0) -> None:
-        """An empty ring whose game is mid-episode (a resume without the replay): the older frames of the agent's
-        current stack are stored first, as slots no transition starts at, so the next stacks rebuilt are the
-        ones the agent saw rather than one frame repeated."""
+    def start_mid_episode(self, stack: torch.Tensor) -> None:
+        """A resume without the replay, mid-episode: the older frames of the agent's stack go first, so the stacks
+        rebuilt next are the ones the agent saw."""
         for older in range(STACK - 1):
-            self.episode_steps[game] = older
-            self._write(stack[older], False, game)
-        self.episode_steps[game] = STACK - 1
-
-    def shift(self, idx: np.ndarray, by) -> np.ndarray:
-        """The slots `by` places after idx (before, if negative), each within its own ring."""
-        ring_start = idx - idx % self.ring
-        return ring_start + (idx - ring_start + by) % self.ring
+            self.episode_steps = older
+            self._write(stack[older], False)
+        self.episode_steps = STACK - 1
 
     def valid(self, idx: np.ndarray) -> np.ndarray:
-        game, offset = np.divmod(idx, self.ring)
-        position, size = self.positions[game], self.sizes[game]
-        newest = (position - 1) % self.ring
-        # the intact slots older than i (all of the ring's start..i-1 until it is full): the stack needs history[i]
-        intact_behind = np.where(size < self.ring, offset, (offset - position) % self.ring)
-        return ((offset < size) & self.starts_transition[idx] & (offset != newest)
-                & (intact_behind >= self.history[idx]))
-
-    def _draw(self, count: int) -> np.ndarray:
-        """Slots drawn with randint over every ring's first max(sizes) slots (the filled ones, and with several
-        rings a few not yet filled, which valid() refuses)."""
-        filled = int(self.sizes.max())
-        flat = self.rng.integers(0, self.games * filled, size=count)
-        return flat // filled * self.ring + flat % filled
+        newest = (self.position - 1) % self.capacity
+        # the intact slots older than i (all of 0..i-1 until the ring is full): the stack needs history[i] of them
+        intact_behind = idx if self.size < self.capacity else (idx - self.position) % self.capacity
+        return (idx < self.size) & self.starts_transition[idx] & (idx != newest) & (intact_behind >= self.history[idx])
 
     def sample_indices(self, batch_size: int) -> np.ndarray:
-        idx = self._draw(batch_size)
+        idx = self.rng.integers(0, self.size, size=batch_size)
         invalid = ~self.valid(idx)
         while invalid.any():  # a few slots per episode are invalid; redraw only those
-            idx[invalid] = self._draw(int(invalid.sum()))
+            idx[invalid] = self.rng.integers(0, self.size, size=int(invalid.sum()))
             invalid = ~self.valid(idx)
         return idx
 
     def stack_slots(self, idx: np.ndarray) -> np.ndarray:
         """(batch, 4) slots of the stacks ending at idx, oldest first, cut at the episode start."""
         back = np.minimum(np.arange(STACK - 1, -1, -1)[None, :], self.history[idx][:, None].astype(np.int64))
-        return self.shift(idx[:, None], -back)
+        return (idx[:, None] - back) % self.capacity
 
-    def sample(self, batch_size: int, idx: Optional[np.ndarray] = None):
-        """(obs, actions, rewards, next_obs, terminated) on the device; obs are uint8 (batch, 4, 84, 84)."""
-        if idx is None:
-            idx = self.sample_indices(batch_size)
-        following = self.shift(idx, 1)
-        slots = np.concatenate([self.stack_slots(idx), self.stack_slots(following)], axis=1)
+    def batch(self, idx: np.ndarray):
+        """(obs, actions, rewards, next_obs, terminated) of the transitions at idx, on the device; obs are uint8
+        (batch, 4, 84, 84), gathered in one index_select over both stacks of each transition."""
+        slots = np.concatenate([self.stack_slots(idx), self.stack_slots((idx + 1) % self.capacity)], axis=1)
+        stacks = torch.empty((len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
         flat_slots = torch.from_numpy(slots.reshape(-1))
-        if self.pinned:  # gather into pinned staging, then copy to the GPU without blocking the CPU
-            if self.copy_done is not None:
-                self.copy_done.synchronize()  # the previous batch has left the staging buffer
-            if self.staging.shape != (len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE):
-                self.staging = torch.empty((len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8,
-                                           pin_memory=True)
-            torch.index_select(self.frames, 0, flat_slots, out=self.staging.view(-1, FRAME_SIZE, FRAME_SIZE))
-            stacks = self.staging.to(self.device, non_blocking=True)
-            self.copy_done = torch.cuda.Event()
-            self.copy_done.record()
-        else:
-            stacks = self.frames.index_select(0, flat_slots.to(self.frames.device))
-            stacks = stacks.view(len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE).to(self.device)  # no-op if there
-        small = [torch.from_numpy(array[idx]).to(self.device) for array in (self.actions, self.rewards)]
+        torch.index_select(self.frames, 0, flat_slots, out=stacks.view(-1, FRAME_SIZE, FRAME_SIZE))
+        # non_blocking from pinned memory; torch keeps the pinned block until its copy is done
+        stacks = stacks.to(self.device, non_blocking=True)
+        actions, rewards = (torch.from_numpy(array[idx]).to(self.device) for array in (self.actions, self.rewards))
         terminated = torch.from_numpy(self.terminated[idx].astype(np.float32)).to(self.device)
-        return stacks[:, :STACK], small[0], small[1], stacks[:, STACK:], terminated
+        return stacks[:, :STACK], actions, rewards, stacks[:, STACK:], terminated
+
+    def sample(self, batch_size: int):
+        return self.batch(self.sample_indices(batch_size))
+
+    ARRAYS = ("actions", "rewards", "terminated", "history", "starts_transition")
 
     def state(self) -> dict:
-        arrays = {name: torch.from_numpy(getattr(self, name).copy()) for name in self.FIELDS}
-        return {"frames": self.frames, **arrays, "position": self.positions.tolist(), "size": self.sizes.tolist(),
-                "episode_steps": self.episode_steps.tolist(), "rng": self.rng.bit_generator.state}
+        return {"frames": self.frames, **{name: torch.from_numpy(getattr(self, name).copy()) for name in self.ARRAYS},
+                "position": self.position, "size": self.size, "episode_steps": self.episode_steps,
+                "rng": self.rng.bit_generator.state}
 
     def load_state(self, state: dict) -> None:
         if state["frames"].shape != self.frames.shape:
             raise ConfigError(f"the checkpoint's replay holds {state['frames'].shape[0]:,} frames, "
                               f"not --buffer-size {self.capacity:,}")
         self.frames.copy_(state["frames"])
-        for name in self.FIELDS:
+        for name in self.ARRAYS:
             getattr(self, name)[:] = state[name].numpy()
-        # np.atleast_1d: a checkpoint from before several games held one number each
-        self.positions[:], self.sizes[:], self.episode_steps[:] = (
-            np.atleast_1d(state[name]) for name in ("position", "size", "episode_steps"))
+        self.position, self.size, self.episode_steps = state["position"], state["size"], state["episode_steps"]
         self.rng.bit_generator.state = state["rng"]
 
 
@@ -719,11 +554,7 @@ class QNetwork(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.network[:-1](x.float() / 255.0)  # frames travel as uint8 (4x less to copy); scale here
-        # The head in float32 even under the update's bf16 autocast (--bf16): bf16 keeps 8 significant bits,
-        # so Q near 10 would be rounded by about 0.03, the size of a typical TD error.
-        with torch.autocast(x.device.type, enabled=False):
-            return self.network[-1](features.float())
+        return self.network(x.float() / 255.0)  # frames travel as uint8 (4x less to copy); scale here
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -731,30 +562,6 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     if duration <= 0:  # a run too short to have an annealing window
         return end_e
     return end_e + (start_e - end_e) * max(0.0, 1.0 - t / duration)
-
-
-class TargetSync:
-    """Copies the online network into the target network every `every` calls of step() (one per env step)."""
-
-    def __init__(self, q_network: nn.Module, target_network: nn.Module, every: int, learner=None):
-        self.q_network, self.target_network, self.every = q_network, target_network, every
-        self.learner = learner  # OverlappedUpdates: its gradient in flight needs the new target network's targets
-        self.steps = 0
-        self.syncs = 0
-
-    def step(self) -> None:
-        self.steps += 1  # the article's counter was never incremented, so its target network never moved
-        if self.steps % self.every == 0:
-            self.target_network.load_state_dict(self.q_network.state_dict())
-            if self.learner is not None:
-                self.learner.retarget()
-            self.syncs += 1
-
-    def state(self) -> tuple:
-        return self.steps, self.syncs
-
-    def load_state(self, state: tuple) -> None:
-        self.steps, self.syncs = state
 
 
 class DeepMindRMSprop(torch.optim.Optimizer):
@@ -782,77 +589,46 @@ class DeepMindRMSprop(torch.optim.Optimizer):
                 p.addcdiv_(dw, (g2 - g * g + group["eps"]).sqrt_(), value=-group["lr"])
 
 
-def make_optimizer(args: Args, q_network: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
-    """capturable: Adam keeps its step count on the GPU, so its step can be recorded into a CUDA graph."""
-    if args.optimizer == "rmsprop":  # its state is all on the device already
+def make_optimizer(args: Args, q_network: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "rmsprop":
         return DeepMindRMSprop(q_network.parameters(), lr=args.learning_rate, grad_scale=args.batch_size)
     # CleanRL's Adam, fused on CPU too: one kernel for all parameters
-    return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
+    return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
 
 
-@torch.no_grad()  # the target is a constant: no graph through the target network, so no gradient reaches it
-def td_target(target_network, rewards, next_obs, terminated, gamma: float, bf16: bool = False) -> torch.Tensor:
-    """r + gamma * max_a' Q_target(s', a'), with the bootstrap cut where the episode terminated."""
-    # no cast cache: each weight is cast once per update anyway, and CUDA graph capture refuses the cache
-    with torch.autocast(next_obs.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+def td_update(q_network, target_network, optimizer, batch, gamma: float, max_grad_norm: float):
+    """One gradient step on the Huber TD error of a batch (obs, actions, rewards, next_obs, terminated).
+    Returns (loss, mean Q of the taken actions), both detached."""
+    obs, actions, rewards, next_obs, terminated = batch
+    with torch.no_grad():  # the target is a constant: no graph through the target network, so no gradient reaches it
         next_q = target_network(next_obs).max(dim=1).values
-    # (1 - terminated): a terminal state has no future. terminated, not truncated: a time limit is not one.
-    return rewards + gamma * next_q * (1.0 - terminated)
-
-
-def td_gradients(q_network, optimizer, obs, actions, targets, max_grad_norm: float, bf16: bool = False):
-    """The Huber TD error's gradient, clipped, left in the online network's .grad (no step). `targets()` gives
-    the batch's TD targets; it is called after the online forward pass, so another thread may still be computing
-    them until then (OverlappedUpdates). Returns (loss, mean Q of the taken actions), both detached.
-    bf16: the forward passes (and so the backward) of the convolutions and the 512-unit layer in bfloat16;
-    weights, optimizer state, Q-values, targets and loss stay float32. Acting and evaluation stay float32:
-    for a single observation, casting the weights costs more than bf16 saves."""
-    PHASES.mark()  # the learner thread's wait for this job is its idle time
-    with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-        q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+        # (1 - terminated): a terminal state has no future. terminated, not truncated: a time limit is not one.
+        target = rewards + gamma * next_q * (1.0 - terminated)
+    PHASES.lap("update: TD targets")
+    q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
     PHASES.lap("update: forward")
     # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
     # (the article's hand-written version was off by a factor of 2).
-    target = targets()
     loss = F.smooth_l1_loss(q_taken, target)
-    PHASES.lap("update: TD targets")  # the learner thread: waiting for the loop's thread to compute them
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     PHASES.lap("update: backward")
     if max_grad_norm > 0:
-        parameters = list(q_network.parameters())
-        norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        # clip_grad_norm_ rescales the gradients even by a factor of 1, a pass over every weight; on a CPU,
-        # reading the norm needs no device sync, so rescale only when it is over.
-        if norm.device.type != "cpu" or norm > max_grad_norm:
-            nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, norm)
+        nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
         PHASES.lap("update: gradient clipping")
+    optimizer.step()
+    PHASES.lap("update: optimizer")
     return loss.detach(), q_taken.detach().mean()
 
 
-def td_update(q_network, target_network, optimizer, batch, gamma: float, max_grad_norm: float,
-              bf16: bool = False):
-    """One gradient step on the Huber TD error of a batch (obs, actions, rewards, next_obs, terminated).
-    Returns (loss, mean Q of the taken actions), both detached."""
-    obs, actions, rewards, next_obs, terminated = batch
-    loss, q_mean = td_gradients(q_network, optimizer, obs, actions,
-                                lambda: td_target(target_network, rewards, next_obs, terminated, gamma, bf16),
-                                max_grad_norm, bf16)
-    optimizer.step()
-    PHASES.lap("update: optimizer")
-    return loss, q_mean
-
-
-def epsilon_greedy(q_network, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator,
-                   greedy=None) -> np.ndarray:
-    """Actions for a batch of observations: uniform with probability epsilon, else argmax Q, taken by greedy(obs)
-    where the caller has its own (dqn_atari.py's CUDA-graphed one). No forward pass when every one explores."""
+def epsilon_greedy(greedy, obs: torch.Tensor, epsilon: float, n_actions: int, rng: np.random.Generator) -> np.ndarray:
+    """Actions for a batch of observations: uniform with probability epsilon, else greedy(obs), the argmax of Q.
+    No forward pass when every one explores."""
     explore = rng.random(len(obs)) < epsilon
     actions = np.zeros(len(obs), dtype=np.int64)
     actions[explore] = rng.integers(0, n_actions, size=int(explore.sum()))
     if not explore.all():
-        greedy_actions = greedy(obs) if greedy is not None else torch.argmax(q_network(obs), dim=1)
-        actions[~explore] = greedy_actions.cpu().numpy()[~explore]
+        actions[~explore] = greedy(obs).cpu().numpy()[~explore]
     return actions
 
 
@@ -875,13 +651,12 @@ class Evaluator:
         rng = np.random.default_rng([self.seed, step])
         for i, game in enumerate(self.games):
             game.seed(int(rng.integers(2**31)) + i)
-        first_frames = self.preprocess(np.stack([game.reset() for game in self.games]))
-        stacks = first_frames.unsqueeze(1).repeat(1, STACK, 1, 1)
+        stacks = first_stack(self.preprocess(np.stack([game.reset() for game in self.games])))
         returns = np.zeros(len(self.games))
         active = np.arange(len(self.games))
-        n_actions = self.games[0].n_actions
         while len(active):
-            actions = epsilon_greedy(q_network, stacks, self.epsilon, n_actions, rng)
+            actions = epsilon_greedy(lambda obs: q_network(obs).argmax(dim=1), stacks, self.epsilon,
+                                     self.games[0].n_actions, rng)
             raws, still_active = [], []
             for row, (i, action) in enumerate(zip(active, actions)):
                 raw, _, _, _, game_over = self.games[i].step(int(action))
@@ -907,26 +682,34 @@ def write_gif(path: str, frames: list) -> None:
     images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 15, loop=0)
 
 
-# ---- Speed: CUDA graphs (--cuda-graphs, on by default; only on CUDA) ---------------------------------------
+# ---- Speed: attached around the update and the greedy action -----------------------------------------------
+
+
+def bf16_forward(network: QNetwork):
+    """--bf16: the network's forward pass for the update, its convolutions and 512-unit layer under bfloat16
+    autocast. The Q-value head stays float32: bf16 keeps 8 significant bits, so Q near 10 would be rounded by
+    about 0.03, the size of a typical TD error. Weights, optimizer state, targets, loss and acting stay float32
+    (for one observation, casting the weights costs more than bf16 saves)."""
+    def forward(obs: torch.Tensor) -> torch.Tensor:
+        # no cast cache: each weight is cast once per update anyway, and CUDA graph capture refuses the cache
+        with torch.autocast(obs.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            features = network.network[:-1](obs.float() / 255.0)
+        return network.network[-1](features.float())
+    return forward
 
 
 class CudaGraphed:
-    """fn, called plainly for its first `warmup` calls, then recorded once as a CUDA graph and replayed.
+    """--cuda-graphs: fn called plainly `warmup` times (lazy set-up, such as cuBLAS handles and optimizer state,
+    must not happen in a recording), then recorded once as a CUDA graph and replayed: an update is ~100 small
+    kernels and a greedy action ~10, one launch each instead. A replay copies the arguments into the recorded
+    inputs; its outputs are overwritten by the next call (use them first); weights are read anew each time."""
 
-    A replay runs the recorded kernels on the recorded memory: the arguments are copied into the tensors the
-    graph was recorded with, and the tensors it returns are overwritten by the next call (use them first).
-    Tensors fn reads that change in place between calls, such as weights and optimizer state, are read anew
-    at each replay. The warm-up calls, on a side stream as capture needs, do the lazy set-up (cuBLAS handles,
-    optimizer state) that must not happen inside a recording. Disabled (or off CUDA), it only calls fn."""
-
-    def __init__(self, fn, enabled: bool, warmup: int = 3):
-        self.fn, self.enabled, self.warmup = fn, enabled, warmup
+    def __init__(self, fn, warmup: int = 3):
+        self.fn, self.warmup = fn, warmup
         self.calls = 0
         self.graph = None
 
     def __call__(self, *args: torch.Tensor):
-        if not self.enabled:
-            return self.fn(*args)
         if self.graph is None:
             self.calls += 1
             if self.calls <= self.warmup:
@@ -947,91 +730,9 @@ class CudaGraphed:
         return self.outputs
 
 
-# ---- Speed: overlapped updates (--overlap-updates, off by default; only on the CPU) ------------------------
-
-
-class OverlappedUpdates:
-    """--overlap-updates (CPU): each update's gradient is computed while the loop plays the train_frequency steps
-    that follow, and the optimizer's step applies it at the next update step.
-
-    A learner thread runs the online network's forward and backward pass; the loop's thread computes the TD
-    targets meanwhile (the target network's forward pass), then plays. Acting reads the weights the gradient is
-    taken at: only the optimizer's step moves them, in the loop's thread, between two steps of play. A target
-    sync takes the gradient in flight again with the new target network's targets. So the one difference from
-    DQN's order is that an update's batch is drawn train_frequency steps before the update is applied: the newest
-    train_frequency transitions wait for the next batch, and the first update step only starts a gradient.
-
-    Why: on a CPU, a step of play (acting, the emulator, preprocessing) keeps one core busy and leaves the others
-    idle, while an update spread over two cores runs far from twice as fast as on one.
-    Overlapped, one core plays while the other computes the gradient."""
-
-    def __init__(self, gradients, targets, optimizer):
-        """gradients(batch, targets): td_gradients, run in the learner thread; targets(batch): td_target."""
-        self.gradients, self.targets, self.optimizer = gradients, targets, optimizer
-        self.learner = ThreadPoolExecutor(1, thread_name_prefix="learner")
-        self.in_flight = None  # the gradient being computed: a Future of (loss, mean Q)
-        self.batch = None  # its batch, kept for a checkpoint and for a target sync
-
-    def __call__(self, *batch: torch.Tensor):
-        """Applies the gradient in flight, if any, then starts one on `batch`. Returns the applied update's
-        (loss, mean Q), or None."""
-        loss_and_q = None
-        if self.in_flight is not None:
-            loss_and_q = self.in_flight.result()
-            PHASES.lap("update: waiting for the learner")
-            self.optimizer.step()
-            PHASES.lap("update: optimizer")
-        self.start(batch)
-        return loss_and_q
-
-    def start(self, batch: tuple) -> None:
-        """Queues the gradient of `batch` in the learner thread, then computes its TD targets here meanwhile."""
-        self.batch = batch
-        targets = Future()
-        try:
-            self.in_flight = self.learner.submit(self.gradients, batch, targets.result)
-            targets.set_result(self.targets(batch))
-            PHASES.lap("update: TD targets")
-        except BaseException as error:  # the learner must not wait forever for targets that will never come
-            targets.set_exception(error)
-            raise
-
-    def retarget(self) -> None:
-        """After a target sync: takes the gradient in flight again, with the new target network's targets (the
-        online network is still the one it was taken at). The learner finishes the old one first, unused."""
-        if self.in_flight is not None:
-            self.start(self.batch)
-
-    def close(self) -> None:
-        """Ends the learner thread once the gradient in flight is done (it is left unapplied)."""
-        self.learner.shutdown(wait=True)
-
-
-def make_updater(args: Args, q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, use_graphs: bool):
-    """The update the loop calls, and the learner thread that runs it, if any: td_update, replayed as a CUDA graph
-    on CUDA; with --overlap-updates on the CPU, OverlappedUpdates, which is both."""
-    if args.overlap_updates and device.type == "cpu":
-        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-        learner = OverlappedUpdates(
-            lambda batch, targets: td_gradients(q_network, optimizer, batch[0], batch[1], targets,
-                                                args.max_grad_norm, args.bf16),
-            lambda batch: td_target(target_network, *batch[2:], args.gamma, args.bf16), optimizer)
-        return learner, learner
-    return CudaGraphed(lambda *batch: td_update(q_network, target_network, optimizer, batch, args.gamma,
-                                                args.max_grad_norm, args.bf16), use_graphs), None
-
-
-# ---- Speed: freed memory kept for reuse (always, where the C library is glibc) -----------------------------
-
-
 def keep_freed_memory() -> bool:
-    """Tells glibc's malloc to keep freed blocks under 32 MB for reuse instead of handing them back to the
-    kernel. By default it returns them (blocks over its adaptive threshold, and a heap top over twice that),
-    so every update page-faults its weight casts, activations and gradients in again (benchmark/results/
-    speed-cpu-keep-freed measures what that costs). The heap then settles at the update's working set (tens of MB).
-    Returns False where there is no glibc (nothing to tune)."""
+    """glibc's malloc keeps freed blocks under 32 MB for reuse rather than returning them to the kernel, so an
+    update does not page-fault its activations and gradients in again. False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
@@ -1041,138 +742,18 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-# ---- Several games at once (--num-envs N; with 1, its one game runs in this process) -----------------------
+def cpu_has_bf16_kernels() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 kernels need AVX-512
 
 
-def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -> None:
-    """A worker process: plays training game `index`, told what to do through `connection`; its frames go
-    to the shared `frames` tensor, where the trainer reads them without a copy through the pipe."""
-    # Ctrl-C reaches every process of the terminal's group, and a scheduler may signal them all: the
-    # trainer alone handles both, and asks this game for its state for the checkpoint before it stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    game = AtariGame(*settings)
-    step_frames, reset_frames = frames.numpy()[:, index]
-    try:
-        while True:
-            command, argument = connection.recv()
-            if command == "step":
-                connection.send(step_game(game, argument, step_frames, reset_frames))
-            elif command == "reset":
-                reset_frames[:] = game.reset()
-                connection.send(None)
-            elif command == "state":
-                connection.send(game.state())
-            elif command == "load_state":
-                try:
-                    game.load_state(argument)
-                    connection.send(None)
-                except ConfigError as error:  # the trainer reports it, in one line
-                    connection.send(error)
-            else:  # "close"
-                return
-    except EOFError:  # the trainer is gone
-        return
+# ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------
 
 
-class GameWorkerFailed(RuntimeError):
-    """A training game's worker process died or stopped answering: reported in one line."""
-
-
-WORKER_ANSWER_TIMEOUT_S = 60.0  # a step takes milliseconds, and a worker's start (imports, the ROM) seconds
-
-
-class Games:
-    """The training games, stepped together. Game 0 runs in this process and each other game in a worker
-    process of its own, all emulating at once: ALE holds Python's GIL while it emulates, so threads would
-    take turns. Game k is seeded with seed + k; with one game, this is exactly that game.
-    `step_frames` and `reset_frames` (games, 2, 210, 160) hold each game's last step and next episode's first
-    frames."""
-
-    def __init__(self, n: int, env_id: str, seed: int, frame_skip: int, noop_max: int,
-                 repeat_action_probability: Optional[float]):
-        settings = [(env_id, seed + k, frame_skip, noop_max, True, repeat_action_probability) for k in range(n)]
-        self.local = AtariGame(*settings[0])
-        self.n_actions, self.raw_shape = self.local.n_actions, self.local.raw.shape[1:]
-        shared = torch.zeros((2, n, *self.local.raw.shape), dtype=torch.uint8).share_memory_()
-        self.step_frames, self.reset_frames = shared.numpy()
-        context = torch.multiprocessing.get_context("spawn")  # a forked child would inherit a CUDA context
-        self.connections, self.workers = [], []
-        for k in range(1, n):
-            ours, theirs = context.Pipe()
-            worker = context.Process(target=game_worker, args=(theirs, shared, k, settings[k]), daemon=True)
-            worker.start()
-            theirs.close()
-            self.connections.append(ours)
-            self.workers.append(worker)
-
-    def _ask_all(self, command: str, arguments: list, local_call) -> list:
-        """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
-        for k, (connection, argument) in enumerate(zip(self.connections, arguments[1:]), start=1):
-            self._call_worker(k, connection.send, (command, argument))
-        answers = [local_call(arguments[0])]
-        answers += [self._call_worker(k, self._answer_of, connection)
-                    for k, connection in enumerate(self.connections, start=1)]
-        return answers
-
-    def _answer_of(self, connection):
-        if not connection.poll(WORKER_ANSWER_TIMEOUT_S):
-            raise TimeoutError
-        return connection.recv()
-
-    def _call_worker(self, k: int, call, *message):
-        """A worker gone or silent stops the run with its game named (no checkpoint is written after it)."""
-        try:
-            return call(*message)
-        except TimeoutError:  # first: it is an OSError too
-            self.kill()
-            raise GameWorkerFailed(f"the worker process of training game {k} has not answered for "
-                                   f"{WORKER_ANSWER_TIMEOUT_S:g} s; stopped it and the run") from None
-        except (EOFError, OSError):  # end of file, broken pipe, reset: the worker process is gone
-            self.kill()
-            raise GameWorkerFailed(f"the worker process of training game {k} exited (its error, if any, is "
-                                   "above)") from None
-
-    def kill(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-            worker.join()
-        self.connections, self.workers = [], []
-
-    def reset(self) -> np.ndarray:
-        """Starts every game's first episode; returns `reset_frames`."""
-        def reset_local(_):
-            self.reset_frames[0] = self.local.reset()
-        self._ask_all("reset", [None] * self.n, reset_local)
-        return self.reset_frames
-
-    def step(self, actions: np.ndarray) -> list:
-        """One step of every game; returns their Outcomes (their frames are in `step_frames` and `reset_frames`)."""
-        return self._ask_all("step", [int(action) for action in actions],
-                             lambda action: step_game(self.local, action, self.step_frames[0], self.reset_frames[0]))
-
-    def states(self) -> list:
-        return self._ask_all("state", [None] * self.n, lambda _: self.local.state())
-
-    def load_states(self, states: list) -> None:
-        for answer in self._ask_all("load_state", states, self.local.load_state):
-            if isinstance(answer, ConfigError):
-                raise answer
-
-    @property
-    def n(self) -> int:
-        return len(self.connections) + 1
-
-    def close(self) -> None:
-        for connection in self.connections:
-            connection.send(("close", None))
-        for worker in self.workers:
-            worker.join()
-
-
-# ---- Checkpoints and resume (--checkpoint-every, --resume; off by default) ---------------------------------
-
-
+CHECKPOINT_FORMAT = "dqn_atari checkpoint 3"
+# formats this version refuses -> (why, the last commit whose dqn_atari.py reads them)
+OLDER_FORMATS = {"dqn_atari checkpoint 1": ("its emulator state is a pickle, which can run code when loaded, so "
+                                            "continue it only if you trust the file", "bcf01fb"),
+                 "dqn_atari checkpoint 2": ("it is laid out for the earlier, several-game dqn_atari.py", "3d1869b")}
 UNREADABLE_EMULATOR_STATE = "the emulator state is not one ale-py can read"
 
 
@@ -1184,11 +765,53 @@ def emulator_state(saved) -> ale_py.ALEState:
         return ale_py.ALEState(saved.numpy().tobytes())
     except Exception:  # ale-py raises SystemError for bytes that are not one of its states
         raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
+def make_checkpoint(args: Args, global_step: int, log, q_network, target_network, optimizer, game: AtariGame,
+                    obs: torch.Tensor, replay: FrameReplay, action_rng, recent_returns: deque,
+                    updates_begin_at: int, exploration_steps: int) -> dict:
+    """Everything the run's next step depends on, so that a resumed run goes on exactly as this one would."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "args": vars(args),
+        "global_step": global_step,  # env steps done
+        "wall_seconds": log.wall_seconds(),  # training time so far: a resumed run's clock goes on from it
+        "last_eval": log.last_eval,  # the progress line's eval field
+        "wandb_run_id": log.tracking.id if log.tracking is not None else None,  # --track: where a resume goes on
+        "updates_begin_at": updates_begin_at,
+        "exploration_steps": exploration_steps,  # a resume with a longer --total-timesteps keeps its schedule
+        "q_network": q_network.state_dict(),
+        "target_network": target_network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "game": game.state(),
+        "obs": obs.cpu(),
+        "replay": replay.state() if args.checkpoint_replay else None,  # without it, a resume refills the replay
+        "recent_returns": list(recent_returns),
+        "action_rng": action_rng.bit_generator.state,  # every random draw of a run is its own generators'
+    }
 
 
-CHECKPOINT_FORMAT = "dqn_atari checkpoint 2"
-# format 1 kept the emulator as a pickle, which can run code when loaded: refused, and named the commit reading it
-PICKLED_EMULATOR_FORMAT, LAST_COMMIT_READING_IT = "dqn_atari checkpoint 1", "bcf01fb"
+def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, optimizer, game: AtariGame,
+                       replay: FrameReplay, action_rng, recent_returns: deque, device: torch.device):
+    """Puts make_checkpoint's pieces back; returns (global_step, obs, updates_begin_at, exploration_steps)."""
+    try:
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:  # another network's or optimizer's shape
+        raise ConfigError(f"{args.resume} does not fit this network or optimizer "
+                          f"({str(error).splitlines()[0]})") from None
+    game.load_state(checkpoint["game"])
+    obs = checkpoint["obs"].to(device)
+    updates_begin_at = checkpoint["updates_begin_at"]
+    if checkpoint["replay"] is not None:
+        replay.load_state(checkpoint["replay"])
+    else:  # refill before learning again, rather than overfit a near-empty replay
+        replay.start_mid_episode(obs[0])
+        updates_begin_at = max(updates_begin_at, checkpoint["global_step"] + args.learning_starts)
+        print(f"the checkpoint has no replay: collecting {args.learning_starts:,} steps before updates resume",
+              flush=True)
+    recent_returns.extend(checkpoint["recent_returns"])
+    action_rng.bit_generator.state = checkpoint["action_rng"]
+    return checkpoint["global_step"], obs, updates_begin_at, checkpoint["exploration_steps"]
 
 
 def save_atomically(payload: dict, path: str) -> None:
@@ -1200,17 +823,15 @@ def save_atomically(payload: dict, path: str) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """weights_only: torch.load rebuilds tensors and plain containers, and refuses any other object, so no code in
-    the file can run; the emulator states are checked here too, before any game or network is made."""
+    the file can run; the emulator state is checked here too, before any game or network is made."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if checkpoint.get("format") == PICKLED_EMULATOR_FORMAT:
-            raise ConfigError("an older checkpoint whose emulator state is a pickle, which can run code when "
-                              f"loaded; continue it with dqn_atari.py of commit {LAST_COMMIT_READING_IT}, if you trust "
-                              "the file")
+        if checkpoint.get("format") in OLDER_FORMATS:
+            why, commit = OLDER_FORMATS[checkpoint["format"]]
+            raise ConfigError(f"an older checkpoint ({why}); continue it with dqn_atari.py of commit {commit}")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a checkpoint")
-        for game in checkpoint["games"]:
-            emulator_state(game["ale"])
+        emulator_state(checkpoint["game"]["ale"])
     except FileNotFoundError:
         raise ConfigError(f"no checkpoint at {path}") from None
     except ConfigError as error:  # an older format, or an emulator state that is not ale-py's bytes
@@ -1219,27 +840,6 @@ def load_checkpoint(path: str) -> dict:
         raise ConfigError(f"{path} is not a readable dqn_atari.py checkpoint ({type(error).__name__}); give a "
                           "checkpoint.pt that dqn_atari.py wrote") from None
     return checkpoint
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restores a saved optimizer state but keeps this run's `capturable`: the saved groups carry the saving run's
-    (False from a CPU run), and a CUDA graph cannot record a step that is not capturable."""
-    capturable = [group.get("capturable") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, wanted in zip(optimizer.param_groups, capturable):
-        if wanted is not None:
-            group["capturable"] = wanted
-
-
-# numpy's global RNG state holds an ndarray, which torch.load(weights_only=True) refuses: keep it as a tensor
-def numpy_global_state() -> tuple:
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    return name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached
-
-
-def set_numpy_global_state(state: tuple) -> None:
-    name, key, pos, has_gauss, cached = state
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def flags_given(argv: list[str]) -> set[str]:
@@ -1252,36 +852,31 @@ def flags_given(argv: list[str]) -> set[str]:
     return names
 
 
-def resumed_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
-    """The checkpoint's flags, but for those in RESUMABLE that this command line gives. Any other flag
-    given with a different value is a mismatch, refused."""
+def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
+    """--resume: the checkpoint, and the flags to continue it with: its own, but for those in RESUMABLE that this
+    command line gives. Any other flag given with a different value is a mismatch, refused. Without --resume,
+    the flags as given and no checkpoint."""
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    given = flags_given(argv)
     saved = {**vars(Args()), **checkpoint["args"]}  # a flag newer than the checkpoint: it ran with the default
     for name in sorted(given & set(saved) - RESUMABLE):
         if getattr(args, name) != saved[name]:
             raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, not "
                               f"{getattr(args, name)}; drop the flag to continue it as it was")
-    merged = dict(saved)
-    merged.update({name: getattr(args, name) for name in RESUMABLE & given | {"resume"}})
-    return Args(**merged)
-
-
-def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
-    """--resume: the checkpoint, and the flags to continue it with (its own, but for those RESUMABLE ones this
-    command line gives); without --resume, the flags as given and no checkpoint."""
-    if not args.resume:
-        return args, None
-    checkpoint = load_checkpoint(args.resume)
-    args = resumed_args(args, checkpoint, flags_given(argv))
-    # a run of this length stops after the pass that reaches total_timesteps; a checkpoint past that is a
-    # typo, and resuming it would drop the eval rows and tensorboard events after the checkpoint's step
-    last_step = -(-args.total_timesteps // args.num_envs) * args.num_envs
-    if checkpoint["global_step"] > last_step:
+    try:
+        args = Args(**{**saved, **{name: getattr(args, name) for name in RESUMABLE & given | {"resume"}}})
+    except TypeError as error:  # a flag this version does not have
+        raise ConfigError(f"{args.resume} was written with flags this version lacks ({error})") from None
+    # a checkpoint past the run's end is a typo, and resuming it would drop the eval rows and events after it
+    if checkpoint["global_step"] > args.total_timesteps:
         raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
                           f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
     return args, checkpoint
 
 
-# ---- Training: a run's objects and files, then the loop ----------------------------------------------------
+# ---- The run's files ---------------------------------------------------------------------------------------
 
 
 def make_run_dir(args: Args) -> str:
@@ -1321,25 +916,9 @@ def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
     return run
 
 
-def open_eval_csv(run_dir: str, resume_step: Optional[int]):
-    """eval.csv of this run; a resumed run drops rows past its checkpoint (an interrupted run's tail)."""
-    path = os.path.join(run_dir, "eval.csv")
-    header = ["step", "eval_mean", "eval_std", "episodes", "wall_seconds"]
-    rows = []
-    if resume_step is not None and os.path.exists(path):
-        with open(path, newline="") as old:
-            rows = [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= resume_step]
-    with open(path + ".tmp", "w", newline="") as new:
-        csv.writer(new).writerows([header] + rows)
-    os.replace(path + ".tmp", path)
-    eval_file = open(path, "a", newline="")
-    return eval_file, csv.writer(eval_file)
-
-
 def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, learning_since) -> str:
-    """The progress line's last field. Collecting before updates is many times faster than learning, so no
-    estimate is made from it; once learning, the estimate extrapolates the learning phase's own rate.
-    learning_since: (time, step) of the first progress after updates began, None before."""
+    """The progress line's last field: extrapolated from the learning phase alone (collecting is many times
+    faster). learning_since: (time, step) of the first progress line after updates began, None before."""
     if learning_since is None:
         return f"updates from step {updates_begin_at:,}"
     since_time, since_step = learning_since
@@ -1348,164 +927,40 @@ def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, le
     return f"ETA {(now - since_time) * max(0, total_steps - step) / (step - since_step) / 3600:5.2f}h"
 
 
-def passes_multiple_of(every: int, before: int, after: int) -> bool:
-    """Whether a multiple of `every` lies in (before, after]: with several games a step of the loop moves
-    the step count by more than one. every = 0: never."""
-    return every > 0 and after // every > before // every
-
-
-class Run:
-    """A run: the objects its steps use, made by build_run, and how far it has got. pieces() names what its next
-    step depends on, and so what a checkpoint holds: save() and restore() both walk it, so what is written and
-    what is read back cannot drift apart."""
-
-    def __init__(self, args: Args, device: torch.device, games: Games, preprocess: FramePreprocessor,
-                 evaluate: Evaluator, q_network: nn.Module, target_network: nn.Module,
-                 optimizer: torch.optim.Optimizer, update, learner: Optional[OverlappedUpdates],
-                 target_sync: TargetSync, greedy_action: CudaGraphed, replay: FrameReplay,
-                 action_rng: np.random.Generator, frame_stack: FrameStack, threads_before: int):
-        self.args, self.device, self.games, self.preprocess, self.evaluate = args, device, games, preprocess, evaluate
-        self.q_network, self.target_network, self.optimizer = q_network, target_network, optimizer
-        self.update, self.learner, self.target_sync, self.greedy_action = update, learner, target_sync, greedy_action
-        self.replay, self.action_rng, self.frame_stack = replay, action_rng, frame_stack
-        self.threads_before = threads_before  # torch's thread count before this run changed it
-        self.global_step, self.wall_seconds = 0, 0.0  # env steps done, and the wall time they took
-        self.updates_begin_at = args.learning_starts  # updates run at the steps after this one
-        # fixed when the run starts: a resumed run given a longer --total-timesteps keeps its epsilon schedule
-        self.exploration_steps = int(args.exploration_fraction * args.total_timesteps)
-        self.recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
-        self.wandb_run_id = None  # --track: the W&B run a resume goes on in
-
-    def pieces(self) -> dict:
-        """Each piece's name in the checkpoint -> (how it is saved, how it is restored)."""
-        def plain(name):  # a number or a string of this object
-            return (lambda: getattr(self, name)), (lambda value: setattr(self, name, value))
-
-        def fitting(load):  # a network or optimizer of another shape: the user's mistake, said in one line
-            def restore(state):
-                try:
-                    load(state)
-                except (RuntimeError, ValueError, KeyError) as error:
-                    raise ConfigError(f"{self.args.resume} does not fit this network or optimizer "
-                                      f"({str(error).splitlines()[0]})") from None
-            return restore
-
-        with_replay = self.args.checkpoint_replay
-        return {
-            **{name: plain(name) for name in ("global_step", "wall_seconds", "updates_begin_at", "exploration_steps",
-                                              "wandb_run_id")},
-            "q_network": (self.q_network.state_dict, fitting(self.q_network.load_state_dict)),
-            "target_network": (self.target_network.state_dict, fitting(self.target_network.load_state_dict)),
-            "optimizer": (self.optimizer.state_dict,
-                          fitting(lambda state: load_optimizer_state(self.optimizer, state))),
-            "games": (self.games.states, self.games.load_states),
-            "frame_stack": (self.frame_stack.state, self.frame_stack.load_state),
-            "action_rng": (lambda: self.action_rng.bit_generator.state,
-                           lambda state: setattr(self.action_rng.bit_generator, "state", state)),
-            "python_rng": (random.getstate, random.setstate),
-            "numpy_rng": (numpy_global_state, set_numpy_global_state),
-            "torch_rng": (torch.get_rng_state, torch.set_rng_state),
-            "target_sync": (self.target_sync.state, self.target_sync.load_state),
-            "recent_returns": (lambda: list(self.recent_returns), self.recent_returns.extend),
-            "replay": (lambda: self.replay.state() if with_replay else None, self.replay.load_state),
-            # --overlap-updates: the batch of the gradient in flight, taken again (after the networks, so the same
-            # gradient) on resuming with the replay; a resume without it refills the replay and starts afresh
-            "learner_batch": (lambda: self.learner.batch if self.learner is not None and with_replay else None,
-                              lambda batch: self.learner.start(batch) if self.learner is not None else None),
-        }
-
-    def save(self, global_step: int, wall_seconds: float) -> dict:
-        self.global_step, self.wall_seconds = global_step, wall_seconds
-        return {"format": CHECKPOINT_FORMAT, "args": vars(self.args),
-                **{name: save() for name, (save, _) in self.pieces().items()}}
-
-    def restore(self, checkpoint: dict) -> None:
-        """Puts a loaded checkpoint's pieces back, in pieces() order; a piece it lacks (None) stays as made."""
-        for name, (_, restore) in self.pieces().items():
-            if checkpoint.get(name) is not None:
-                restore(checkpoint[name])
-        if checkpoint.get("replay") is None:  # refill before learning again, rather than overfit a near-empty buffer
-            for k in range(self.args.num_envs):
-                self.replay.start_mid_episode(self.frame_stack.frames[k], game=k)
-            self.updates_begin_at = max(self.updates_begin_at, self.global_step + self.args.learning_starts)
-            print(f"the checkpoint has no replay: collecting {self.args.learning_starts:,} steps before updates "
-                  "resume", flush=True)
-
-    def close(self) -> None:
-        """Stops the game workers and the learner thread, and gives torch back its thread count."""
-        self.games.close()
-        if self.learner is not None:
-            self.learner.close()
-        torch.set_num_threads(self.threads_before)
-
-
-def cpu_has_bf16_kernels() -> bool:
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 kernels need AVX-512
-
-
-def build_run(args: Args) -> Run:
-    """Seeds, then makes a fresh run at step 0: the games, preprocessing and evaluation, the two networks, the
-    optimizer and its update (plain, CUDA-graphed or overlapped), the target sync and the replay."""
-    seed_everything(args.seed, args.torch_deterministic)
-    threads_before = torch.get_num_threads()
-    if args.num_envs > 1:  # torch's threads spinning on every core would starve the workers' emulators
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, min(threads_before, cores - (args.num_envs - 1))))
-    keep_freed_memory()
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
-        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
-              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
-    games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
-                  args.repeat_action_probability)
-    preprocess = FramePreprocessor(games.raw_shape, device)
-    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
-
-    q_network = QNetwork(games.n_actions).to(device)
-    target_network = QNetwork(games.n_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    target_network.requires_grad_(False)
-    # CUDA graphs: an update is ~100 small kernels and a greedy action ~10; one launch each instead
-    use_graphs = args.cuda_graphs and device.type == "cuda"
-    optimizer = make_optimizer(args, q_network, capturable=use_graphs)
-    update, learner = make_updater(args, q_network, target_network, optimizer, device, use_graphs)
-    target_sync = TargetSync(q_network, target_network, args.target_network_frequency, learner)
-    greedy_action = CudaGraphed(lambda obs: q_network(obs).argmax(dim=1), use_graphs)
-    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
-    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
-    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
-          f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
-    return Run(args, device, games, preprocess, evaluate, q_network, target_network, optimizer, update, learner,
-               target_sync, greedy_action, replay, np.random.default_rng(action_seed),
-               FrameStack(args.num_envs, device), threads_before)
-
-
 class RunLog:
     """A run's directory and what goes into it: tensorboard events (CleanRL's charts/ and losses/ names, and
     eval/), eval.csv, checkpoint.pt, the GIFs of --capture-video and, with --track, a W&B run. A resumed run
     writes on in its own directory, and its clock goes on from the wall time its checkpoint kept."""
 
-    def __init__(self, args: Args, run: Run, resumed: bool):
+    def __init__(self, args: Args, checkpoint: Optional[dict]):
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
         self.args = args
-        if resumed:
+        if checkpoint is not None:
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
-            print(f"resuming {self.run_dir} at step {run.global_step:,}", flush=True)
+            print(f"resuming {self.run_dir} at step {checkpoint['global_step']:,}", flush=True)
         else:
             self.run_dir = make_run_dir(args)
+        start = checkpoint or {"global_step": 0, "wall_seconds": 0.0, "last_eval": float("nan"), "wandb_run_id": None}
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
-        self.last_checkpoint_step = run.global_step if resumed else None
-        self.tracking = start_tracking(args, self.run_dir, run.wandb_run_id) if args.track else None
-        run.wandb_run_id = self.tracking.id if self.tracking is not None else None
-        self.writer = SummaryWriter(self.run_dir, purge_step=run.global_step + 1 if resumed else None)
-        if not resumed:
+        self.last_checkpoint_step = checkpoint["global_step"] if checkpoint is not None else None
+        self.tracking = start_tracking(args, self.run_dir, start["wandb_run_id"]) if args.track else None
+        self.writer = SummaryWriter(self.run_dir, purge_step=start["global_step"] + 1 if checkpoint else None)
+        if checkpoint is None:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                                  "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-        self.eval_file, self.eval_csv = open_eval_csv(self.run_dir, run.global_step if resumed else None)
-        self.wall_before, self.start_step = run.wall_seconds, run.global_step + 1
-        self.last_eval = float("nan")
+        eval_path, rows = os.path.join(self.run_dir, "eval.csv"), [["step", "eval_mean", "eval_std", "episodes",
+                                                                    "wall_seconds"]]
+        if checkpoint is not None and os.path.exists(eval_path):  # a resumed run drops the rows past its checkpoint
+            with open(eval_path, newline="") as old:
+                rows += [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= start["global_step"]]
+        with open(eval_path + ".tmp", "w", newline="") as new:
+            csv.writer(new).writerows(rows)
+        os.replace(eval_path + ".tmp", eval_path)
+        self.eval_file = open(eval_path, "a", newline="")
+        self.eval_csv = csv.writer(self.eval_file)
+        self.wall_before, self.start_step = start["wall_seconds"], start["global_step"] + 1
+        self.last_eval = start["last_eval"]
         self.learning_since = None  # (time, step) of the first progress line with updates running: the ETA's rate
 
     def start_clock(self) -> None:
@@ -1518,27 +973,26 @@ class RunLog:
         """This process's env steps per second, up to `step`."""
         return (step - self.start_step + 1) / (now - self.start_time)
 
-    def game_over(self, outcome: Outcome, step: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", outcome.game_return, step)
-        self.writer.add_scalar("charts/episodic_length", outcome.game_length, step)
+    def game_over(self, game_return: float, game_length: int, step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", game_return, step)
+        self.writer.add_scalar("charts/episodic_length", game_length, step)
 
-    def update(self, step: int, loss_and_q, epsilon: float) -> str:
+    def update(self, step: int, loss: torch.Tensor, q_mean: torch.Tensor, epsilon: float) -> str:
         """The TD loss, the mean Q-value, epsilon and SPS at `step`; returns what went non-finite, if anything."""
-        if loss_and_q is not None:
-            loss, q_mean = loss_and_q[0].item(), loss_and_q[1].item()
-            if not (math.isfinite(loss) and math.isfinite(q_mean)):
-                return f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
-            self.writer.add_scalar("losses/td_loss", loss, step)
-            self.writer.add_scalar("losses/q_values", q_mean, step)
+        loss, q_mean = loss.item(), q_mean.item()
+        if not (math.isfinite(loss) and math.isfinite(q_mean)):
+            return f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+        self.writer.add_scalar("losses/td_loss", loss, step)
+        self.writer.add_scalar("losses/q_values", q_mean, step)
         self.writer.add_scalar("charts/epsilon", epsilon, step)
         self.writer.add_scalar("charts/SPS", int(self.steps_per_second(step, time.time())), step)
         return ""
 
-    def evaluate(self, run: Run, step: int) -> np.ndarray:
-        """Plays the evaluation games (Evaluator) and writes their returns, and with --capture-video a GIF."""
+    def evaluate(self, evaluate: Evaluator, q_network: nn.Module, step: int) -> np.ndarray:
+        """Plays the evaluation games and writes their returns, and with --capture-video a GIF."""
         video = [] if self.args.capture_video else None
-        returns = run.evaluate(run.q_network, step, video)
-        self.last_eval = returns.mean()
+        returns = evaluate(q_network, step, video)
+        self.last_eval = float(returns.mean())  # a plain float: a checkpoint keeps it, and loads no numpy object
         self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
         self.eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
                                 f"{self.wall_seconds():.2f}"])
@@ -1553,23 +1007,23 @@ class RunLog:
                 self.tracking.log({"videos/eval": wandb.Video(gif_path, format="gif"), "global_step": step})
         return returns
 
-    def progress(self, run: Run, step: int, epsilon: float) -> None:
+    def progress(self, step: int, epsilon: float, recent_returns: deque, updates_begin_at: int) -> None:
         now = time.time()
-        if self.learning_since is None and step > run.updates_begin_at:
+        if self.learning_since is None and step > updates_begin_at:
             self.learning_since = (now, step)
-        recent = np.mean(run.recent_returns) if run.recent_returns else float("nan")
-        eta = time_left(now, step, self.args.total_timesteps, run.updates_begin_at, self.learning_since)
+        recent = np.mean(recent_returns) if recent_returns else float("nan")
+        eta = time_left(now, step, self.args.total_timesteps, updates_begin_at, self.learning_since)
         print(f"step {step:>9}/{self.args.total_timesteps} | SPS {self.steps_per_second(step, now):5.0f} | "
               f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {self.last_eval:7.2f} | {eta}", flush=True)
 
-    def checkpoint(self, run: Run, step: int) -> None:
-        save_atomically(run.save(step, self.wall_seconds()), self.checkpoint_path)
-        self.last_checkpoint_step = step
+    def checkpoint(self, checkpoint: dict) -> None:
+        save_atomically(checkpoint, self.checkpoint_path)
+        self.last_checkpoint_step = checkpoint["global_step"]
 
-    def save_model(self, run: Run) -> None:
+    def save_model(self, q_network: nn.Module, n_actions: int) -> None:
         model_path = os.path.join(self.run_dir, f"{self.args.exp_name}.pt")
-        save_atomically({"state_dict": run.q_network.state_dict(), "env_id": self.args.env_id,
-                         "n_actions": run.games.n_actions}, model_path)
+        save_atomically({"state_dict": q_network.state_dict(), "env_id": self.args.env_id, "n_actions": n_actions},
+                        model_path)
         print(f"model saved to {model_path}")
 
     def close(self, diverged: str) -> None:
@@ -1579,105 +1033,136 @@ class RunLog:
             self.tracking.finish(exit_code=1 if diverged else 0)
 
 
+# ---- Training ----------------------------------------------------------------------------------------------
+
+
 def train(args: Args, argv: Optional[list[str]] = None) -> dict:
-    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir and replay."""
+    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir, replay, network and
+    steps done."""
     args, checkpoint = read_resume(args, argv or [])
     check_args(args)
-    run = build_run(args)
-    if checkpoint is not None:
-        run.restore(checkpoint)
-    log = RunLog(args, run, resumed=checkpoint is not None)
-    games, preprocess, replay, frame_stack = run.games, run.preprocess, run.replay, run.frame_stack
-    q_network = run.q_network
-    # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
-    stop_signal = []
+    seed_everything(args.seed, args.torch_deterministic)
+    keep_freed_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
+        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
+              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
+    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, True, args.repeat_action_probability)
+    preprocess = FramePreprocessor(game.raw.shape[1:], device)
+    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
+    q_network = QNetwork(game.n_actions).to(device)
+    target_network = QNetwork(game.n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_network.requires_grad_(False)
+    optimizer = make_optimizer(args, q_network)
+    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_seed)
+    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
+          f"{' pinned' if replay.pinned else ''}", flush=True)
+    action_rng = np.random.default_rng(action_seed)
+    recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
+    global_step, updates_begin_at = 0, args.learning_starts  # updates run at the steps after updates_begin_at
+    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    if checkpoint is None:
+        obs = first_stack(preprocess(game.reset()[None]))  # a batch of one game: (1, 4, 84, 84)
+    else:
+        global_step, obs, updates_begin_at, exploration_steps = restore_checkpoint(
+            checkpoint, args, q_network, target_network, optimizer, game, replay, action_rng, recent_returns, device)
+
+    # the update and the greedy action as the loop calls them; --bf16 and CUDA graphs attach around them
+    online, target = q_network, target_network
+    if args.bf16:
+        online, target = bf16_forward(q_network), bf16_forward(target_network)
+    def update(*batch):  # noqa: E306
+        return td_update(online, target, optimizer, batch, args.gamma, args.max_grad_norm)
+    def act(obs):  # noqa: E306
+        return q_network(obs).argmax(dim=1)
+    if args.cuda_graphs and device.type == "cuda":
+        optimizer.param_groups[0]["capturable"] = True  # Adam's step count stays on the GPU, as a recording needs
+        update, act = CudaGraphed(update), CudaGraphed(act)
+
+    log = RunLog(args, checkpoint)
+    stop_signal = []  # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
     previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    obs = frame_stack.reset(preprocess(games.reset())) if checkpoint is None else frame_stack.frames
-    game_returns, final_returns = [], None
-    diverged = ""  # what went non-finite, and when
-    global_step = run.global_step  # steps done; a resumed run may have nothing left to do
+    game_returns, final_returns, diverged = [], None, ""  # diverged: what went non-finite, and when
     recorders = start_py_spy(log.run_dir) if args.py_spy else []
     torch_profiler = None
     if args.torch_profiler:  # 5 updates skipped, 2 warming up, 10 traced
         activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         trace_path = os.path.join(log.run_dir, "torch_trace.json")
         torch_profiler = torch.profiler.profile(
             activities=activities, schedule=torch.profiler.schedule(wait=5, warmup=2, active=10, repeat=1),
             on_trace_ready=lambda profiler: profiler.export_chrome_trace(trace_path), record_shapes=True)
         torch_profiler.start()
     log.start_clock()
-    PHASES.start(run.device)
+    PHASES.start(device)
     profiled_from = log.start_step
     while global_step < args.total_timesteps:
-        if global_step <= run.updates_begin_at < global_step + args.num_envs:
-            # updates begin in this pass: the table times the learning phase (what speed.py measures),
+        global_step += 1
+        if global_step == updates_begin_at + 1:
+            # updates begin at this step: the table times the learning phase (what speed.py measures),
             # not the collection before it, which has no updates and would dilute their share
-            PHASES.start(run.device)
-            profiled_from = global_step + 1
-        # act: epsilon-greedy, epsilon annealed linearly; this pass steps every game once (env steps
-        # global_step + 1 .. global_step + num_envs), and with one game draws as a one-game loop
-        epsilon = linear_schedule(args.start_e, args.end_e, run.exploration_steps, global_step + 1)
+            PHASES.start(device)
+            profiled_from = global_step
+        # act: epsilon-greedy, epsilon falling linearly over the first exploration_fraction of the run
+        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         with torch.no_grad():
-            actions = epsilon_greedy(q_network, obs, epsilon, games.n_actions, run.action_rng, run.greedy_action)
+            action = int(epsilon_greedy(act, obs, epsilon, game.n_actions, action_rng)[0])
         PHASES.lap("action selection")
-        # step the games (each repeats its action frame_skip times) and preprocess their frames on the device
-        outcomes = games.step(actions)
+        # step the game (the action repeated frame_skip times) and shrink its last two frames on the device
+        raw, reward, terminated, truncated, game_over = game.step(action)
         PHASES.lap("env step")
-        frames = preprocess(games.step_frames)
+        next_frame = preprocess(raw[None])
         PHASES.lap("preprocessing")
-        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
-        for k, outcome in enumerate(outcomes):
-            # store. Rewards clipped to their sign (Nature): one scale of TD error across games. At truncation
-            # the final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
-            replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated,
-                       k in ended, frames[k], game=k)
-            PHASES.lap("replay add")
-            if outcome.game_over:
-                log.game_over(outcome, global_step + k + 1)
-                run.recent_returns.append(outcome.game_return)
-                game_returns.append(outcome.game_return)
-                PHASES.lap("logging")
-        obs = frame_stack.push(frames)
-        if ended:
-            obs = frame_stack.reset(preprocess(games.reset_frames[ended]), ended)
-        PHASES.lap("preprocessing")
+        # store. The reward clipped to its sign (Nature): one scale of TD error across games. At truncation the
+        # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
+        replay.add(obs[0, -1], action, float(np.sign(reward)), terminated, terminated or truncated, next_frame[0])
+        obs = torch.cat([obs[:, 1:], next_frame.unsqueeze(1)], dim=1)
+        PHASES.lap("replay add")
+        if game_over:
+            log.game_over(game.game_return, game.game_length, global_step)
+            recent_returns.append(game.game_return)
+            game_returns.append(game.game_return)
+            PHASES.lap("logging")
+        if terminated or truncated:
+            obs = first_stack(preprocess(game.reset()[None]))
+            PHASES.lap("env reset")
 
-        # learn: a minibatch update every train_frequency steps once learning starts; sync the target network
-        for step in range(global_step + 1, global_step + args.num_envs + 1):
-            if step > run.updates_begin_at and step % args.train_frequency == 0:
-                batch = replay.sample(args.batch_size)
-                PHASES.lap("sampling and transfer")
-                loss_and_q = run.update(*batch)  # OverlappedUpdates: None at its first call
-                if getattr(run.update, "graph", None) is not None:  # a replay runs no Python: no td_update laps
-                    PHASES.lap("update: CUDA graph")
-                if torch_profiler is not None:
-                    torch_profiler.step()
-                if step % LOG_EVERY < args.train_frequency:
-                    diverged = log.update(step, loss_and_q, epsilon)
-                    PHASES.lap("logging")
-                    if diverged:
-                        break
-            run.target_sync.step()
+        # learn: a minibatch update every train_frequency steps once learning starts
+        if global_step > updates_begin_at and global_step % args.train_frequency == 0:
+            batch = replay.sample(args.batch_size)
+            PHASES.lap("sampling and transfer")
+            loss, q_mean = update(*batch)
+            if getattr(update, "graph", None) is not None:  # a replay runs no Python: no td_update laps
+                PHASES.lap("update: CUDA graph")
+            if torch_profiler is not None:
+                torch_profiler.step()
+            if global_step % LOG_EVERY < args.train_frequency:
+                diverged = log.update(global_step, loss, q_mean, epsilon)
+                PHASES.lap("logging")
+                if diverged:
+                    break
+        # sync the target network; the article's step counter was never incremented, so its target never moved
+        if global_step % args.target_network_frequency == 0:
+            target_network.load_state_dict(q_network.state_dict())
             PHASES.lap("target sync")
-        if diverged:
-            break
-        previous_step, global_step = global_step, global_step + args.num_envs
 
         # evaluate, report, checkpoint
-        if passes_multiple_of(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
-            log.evaluate(run, global_step)
+        if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
+            log.evaluate(evaluate, q_network, global_step)
             PHASES.lap("evaluation")
-        if passes_multiple_of(args.progress_every, previous_step, global_step):
-            log.progress(run, global_step, epsilon)
+        if args.progress_every and global_step % args.progress_every == 0:
+            log.progress(global_step, epsilon, recent_returns, updates_begin_at)
             PHASES.lap("logging")
-        if passes_multiple_of(args.checkpoint_every, previous_step, global_step) or stop_signal:
+        if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
             if not all(torch.isfinite(parameter).all() for parameter in q_network.parameters()):
                 diverged = f"at step {global_step:,} the network's weights are not finite"
                 break  # a NaN between two loss reads: the last good checkpoint stays
-            log.checkpoint(run, global_step)
+            log.checkpoint(make_checkpoint(args, global_step, log, q_network, target_network, optimizer, game, obs,
+                                           replay, action_rng, recent_returns, updates_begin_at, exploration_steps))
             PHASES.lap("checkpoint")
         if stop_signal:
             print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
@@ -1695,21 +1180,20 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     steps_run = global_step - profiled_from + 1
     if steps_run > 0:
         profile = PHASES.table(steps_run)
-        which = "learning phase, " if profiled_from > run.updates_begin_at else ""
+        which = "learning phase, " if profiled_from > updates_begin_at else ""
         print(f"where the time went, over {steps_run:,} env steps ({which}steps {profiled_from:,} to "
-              f"{global_step:,}) on {run.device}:\n{profile}", flush=True)
+              f"{global_step:,}) on {device}:\n{profile}", flush=True)
         log.writer.add_text("profile", "<pre>" + profile + "</pre>", global_step)
         for phase, seconds in PHASES.totals.items():
             log.writer.add_scalar(f"profile/{phase.replace(': ', '_').replace(' ', '_')}_ms_per_step",
                                   1000 * seconds / steps_run, global_step)
 
     if not (stop_signal or diverged):
-        final_returns = log.evaluate(run, global_step)  # past total_timesteps if num_envs does not divide it
+        final_returns = log.evaluate(evaluate, q_network, global_step)
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
               f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
         if args.save_model:
-            log.save_model(run)
-    run.close()
+            log.save_model(q_network, game.n_actions)
     log.close(diverged)
     if diverged:
         kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"
@@ -1731,7 +1215,7 @@ def main() -> None:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         else:
             train(args, sys.argv[1:])
-    except (ConfigError, TrainingDiverged, GameWorkerFailed) as error:
+    except (ConfigError, TrainingDiverged) as error:
         sys.exit(f"dqn_atari_profiled.py: error: {error}")
 
 

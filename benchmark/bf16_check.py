@@ -48,10 +48,11 @@ def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, bat
     optimizer.load_state_dict(checkpoint["optimizer"])
     replay.rng = np.random.default_rng(batch_seed)  # the batches: the same stream for the same seed
     sync_every = max(1, run_args.target_network_frequency // run_args.train_frequency)  # in updates
+    forward = [dqn_atari.bf16_forward(network) if bf16 else network for network in (online, target)]
     losses = []
     for update in range(1, updates + 1):
-        loss, _ = dqn_atari.td_update(online, target, optimizer, replay.sample(run_args.batch_size),
-                                      run_args.gamma, run_args.max_grad_norm, bf16)
+        loss, _ = dqn_atari.td_update(*forward, optimizer, replay.sample(run_args.batch_size), run_args.gamma,
+                                      run_args.max_grad_norm)
         losses.append(loss.item())
         if update % sync_every == 0:
             target.load_state_dict(online.state_dict())

@@ -5,6 +5,7 @@ same cores. Reports the median learning-phase SPS of each, the ratio, peak RSS a
     python benchmark/speed.py --setup                   # once: SB3 into its own environment, benchmark/.sb3-venv
     python benchmark/speed.py --setup-cleanrl           # once, for --cleanrl: benchmark/.cleanrl-venv
     python benchmark/speed.py --repeats 5 --out benchmark/results/speed-cpu [--cleanrl PATH] [-- dqn_atari.py flags]
+    python benchmark/speed.py --script dqn_atari_parallel.py ... -- --bf16 --overlap-updates   # the variant
 
 Learning-phase SPS: env steps per second from the first step after learning starts to the last, read from
 each run's own clock (tensorboard event times of charts/SPS for dqn_atari.py and CleanRL, a callback for SB3).
@@ -76,6 +77,11 @@ def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=No
 OURS_AS = {"sb3": ("dqn_atari.py, clip 10", ["--max-grad-norm", "10"]), "cleanrl": ("dqn_atari.py", [])}
 
 
+def ours_name(args, reference: str) -> str:
+    """Our run timed against `reference`, named for the script timed."""
+    return OURS_AS[reference][0].replace("dqn_atari.py", args.script)
+
+
 def programs(args, work: Path) -> dict:
     """name -> function(repeat) returning (learning SPS, replay bytes or None, peak RSS), in running order."""
     shared = ["--env-id", args.env_id, "--total-timesteps", str(args.learning_starts + args.steps),
@@ -84,11 +90,11 @@ def programs(args, work: Path) -> dict:
     cuda = [] if args.cuda else ["--no-cuda"]
 
     def ours(reference):
-        name, flags = OURS_AS[reference]
+        name, flags = ours_name(args, reference), OURS_AS[reference][1]
 
         def run(repeat):
             runs_dir = work / f"ours-as-{reference}-{repeat}"
-            command = [sys.executable, str(REPO / "dqn_atari.py"), *shared, *flags, *cuda, "--eval-every", "0",
+            command = [sys.executable, str(REPO / args.script), *shared, *flags, *cuda, "--eval-every", "0",
                        "--eval-episodes", "1", "--progress-every", "0", "--runs-dir", str(runs_dir), *args.extra]
             stdout, rss = run_measured(command, args.threads, args.cores, runs_dir.with_suffix(".log"))
             replay_gb = float(stdout.split("uint8, ")[1].split(" GB")[0])
@@ -137,6 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--setup", action="store_true", help="create SB3's reference environment and exit")
     parser.add_argument("--setup-cleanrl", action="store_true", help="create CleanRL's environment and exit")
     parser.add_argument("--env-id", default="BreakoutNoFrameskip-v4")
+    parser.add_argument("--script", default="dqn_atari.py", choices=["dqn_atari.py", "dqn_atari_parallel.py"],
+                        help="our script to time")
     parser.add_argument("--learning-starts", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=5000, help="env steps timed after learning starts")
     parser.add_argument("--buffer-size", type=int, default=100_000)
@@ -185,18 +193,18 @@ def main(argv=None) -> None:
                 print(f"round {repeat + 1}/{args.repeats} {name}: {sps:.1f} SPS in the learning phase "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     medians = {name: statistics.median(s["learning_sps"] for s in runs) for name, runs in samples.items()}
-    lines = ["| program | median learning-phase SPS | dqn_atari.py with its settings / program | peak RSS | replay |",
+    lines = [f"| program | median learning-phase SPS | {args.script} with its settings / program | peak RSS | replay |",
              "|---|---|---|---|---|"]
     for name, runs in samples.items():
         rss = max((s["peak_rss_bytes"] or 0) for s in runs)
         replay = runs[0]["replay_bytes"]
-        ratio = f"{medians[OURS_AS[name][0]] / medians[name]:.2f}" if name in OURS_AS else ""
+        ratio = f"{medians[ours_name(args, name)] / medians[name]:.2f}" if name in OURS_AS else ""
         lines.append(f"| {name} | {medians[name]:.1f} | {ratio} | {f'{rss / 1e9:.2f} GB' if rss else 'n/a'} | "
                      f"{f'{replay / 1e9:.3f} GB' if replay else 'n/a'} |")
     table = "\n".join(lines)
     print(table)
     command = command_line(__file__, argv)
-    commit = git_commit([REPO / "dqn_atari.py", Path(__file__), REPO / "benchmark" / "sb3_dqn_atari.py"])
+    commit = git_commit([REPO / args.script, Path(__file__), REPO / "benchmark" / "sb3_dqn_atari.py"])
     (out / "speed.json").write_text(json.dumps({"samples": samples, "medians": medians}, indent=1))
     (out / "summary.md").write_text(
         f"# Learning-phase speed, {args.env_id}\n\n{table}\n\n"
@@ -205,8 +213,8 @@ def main(argv=None) -> None:
         f"- {args.repeats} interleaved rounds; each run {args.threads} torch thread(s) on cores "
         f"{sorted(args.cores)}; {args.learning_starts} steps before learning, {args.steps} timed after; "
         f"batch 32, train every 4, target sync 1000, buffer {args.buffer_size}; each reference against "
-        f"dqn_atari.py with its gradient clipping (SB3 clips the norm at 10, CleanRL does not clip)"
-        + (f"; dqn_atari.py flags: `{shlex.join(args.extra)}`" if args.extra else "")
+        f"{args.script} with its gradient clipping (SB3 clips the norm at 10, CleanRL does not clip)"
+        + (f"; {args.script} flags: `{shlex.join(args.extra)}`" if args.extra else "")
         + f"\n- python {platform.python_version()}\n")
 
 

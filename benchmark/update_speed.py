@@ -96,15 +96,15 @@ def make_update(bf16: bool, channels_last: bool, compiled: bool, device: torch.d
     if channels_last:
         online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
         obs, next_obs = (x.contiguous(memory_format=torch.channels_last) for x in (obs, next_obs))
+    forward = [dqn_atari.bf16_forward(network) if bf16 else network for network in (online, target)]
     if compiled:
-        online.compile()
-        target.compile()
+        forward = [torch.compile(network) for network in forward]
     optimizer = dqn_atari.make_optimizer(dqn_atari.Args(), online)  # the script's: fused Adam, lr 1e-4
     batch = (obs, torch.randint(0, n_actions, (batch_size,), device=device), torch.randn(batch_size, device=device),
              next_obs, torch.zeros(batch_size, device=device))
 
     def update():
-        dqn_atari.td_update(online, target, optimizer, batch, 0.99, 0.0, bf16)
+        dqn_atari.td_update(*forward, optimizer, batch, 0.99, 0.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return update

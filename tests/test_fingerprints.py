@@ -1,5 +1,6 @@
-"""Fixed-seed CPU runs of dqn_atari.py and dqn.py, hashed: a change meant to keep the numerics (a refactor, a fix
-of a case these runs never meet) must leave every hash as recorded, so every committed result still stands.
+"""Fixed-seed CPU runs of dqn_atari.py, dqn_atari_parallel.py and dqn.py, hashed: a change meant to keep the
+numerics (a refactor, a fix of a case these runs never meet) must leave every hash as recorded, so every
+committed result still stands.
 
 The hashes cover the final weights and every training game's return (the final evaluation is left out). Float
 results differ from one CPU family (its vector instructions: AVX2 and AVX-512 kernels sum in other orders) or
@@ -21,15 +22,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dqn  # noqa: E402
 import dqn_atari as atari  # noqa: E402
+import dqn_atari_parallel as parallel  # noqa: E402
 
 RECORDED = Path(__file__).with_name("fingerprints.json")
 
-# 500 Breakout steps meet lost lives and game overs; Pong has no lives
+# 500 Breakout steps meet lost lives and game overs; Pong has no lives. name -> (script, its flags)
 ATARI_RUNS = {
-    "breakout": dict(env_id="BreakoutNoFrameskip-v4"),
-    "breakout-4-games": dict(env_id="BreakoutNoFrameskip-v4", num_envs=4),
-    "breakout-bf16-overlap": dict(env_id="BreakoutNoFrameskip-v4", bf16=True, overlap_updates=True),
-    "pong": dict(env_id="PongNoFrameskip-v4"),
+    "breakout": (atari, dict(env_id="BreakoutNoFrameskip-v4")),
+    "breakout-4-games": (parallel, dict(env_id="BreakoutNoFrameskip-v4", num_envs=4)),
+    "breakout-bf16-overlap": (parallel, dict(env_id="BreakoutNoFrameskip-v4", bf16=True, overlap_updates=True)),
+    "pong": (atari, dict(env_id="PongNoFrameskip-v4")),
 }
 
 
@@ -54,15 +56,15 @@ def skip_final_evaluation(evaluator, q_network, step, video=None):
 
 
 def run_atari(name: str, runs_dir: str) -> str:
-    evaluate = atari.Evaluator.__call__
-    atari.Evaluator.__call__ = skip_final_evaluation
+    script, flags = ATARI_RUNS[name]
+    evaluate = script.Evaluator.__call__
+    script.Evaluator.__call__ = skip_final_evaluation
     try:
-        args = atari.Args(total_timesteps=500, learning_starts=100, buffer_size=1000, target_network_frequency=100,
-                          eval_every=0, eval_episodes=1, progress_every=0, cuda=False, runs_dir=runs_dir,
-                          **ATARI_RUNS[name])
-        result = atari.train(args)
+        args = script.Args(total_timesteps=500, learning_starts=100, buffer_size=1000, target_network_frequency=100,
+                           eval_every=0, eval_episodes=1, progress_every=0, cuda=False, runs_dir=runs_dir, **flags)
+        result = script.train(args)
     finally:
-        atari.Evaluator.__call__ = evaluate
+        script.Evaluator.__call__ = evaluate
     return fingerprint(result["q_network"], result["game_returns"])
 
 

@@ -2,6 +2,8 @@
 epsilon-greedy), tested once over both files: each file is the whole algorithm, so each carries its own copy,
 and a seed bug put back into either copy fails here (named in each docstring)."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn as nn
 
 import dqn
 import dqn_atari
+from script_runner import REPO
 
 
 @pytest.fixture(params=[dqn, dqn_atari], ids=["dqn", "dqn_atari"])
@@ -35,17 +38,19 @@ def test_linear_schedule_runs_from_start_to_end_then_stays(script):
 # ---- target network ----
 
 
-def test_target_sync_copies_every_n_steps(script):
-    """Seed bug: the sync counter was never incremented, so the target network never moved."""
-    online, target = nn.Linear(2, 2), nn.Linear(2, 2)
-    sync = script.TargetSync(online, target, every=5)
-    for step in range(1, 23):
-        with torch.no_grad():
-            online.weight.add_(1.0)  # the online network moves every step
-        sync.step()
-        in_sync = torch.equal(online.weight, target.weight)
-        assert in_sync == (step % 5 == 0), f"step {step}"
-    assert sync.syncs == 4
+def test_target_network_is_synced_every_n_steps(script, tmp_path, monkeypatch):
+    """Seed bug: the sync counter was never incremented, so the target network never moved. 200 steps with a
+    sync every 50: the target network is loaded once at the start and 4 times after."""
+    loads = []
+    load_state_dict = script.QNetwork.load_state_dict
+    monkeypatch.setattr(script.QNetwork, "load_state_dict",
+                        lambda network, state, **kwargs: loads.append(1) or load_state_dict(network, state, **kwargs))
+    flags = dict(total_timesteps=200, learning_starts=60, target_network_frequency=50, eval_every=0, eval_episodes=1,
+                 progress_every=0, runs_dir=str(tmp_path), cuda=False)
+    if script is dqn_atari:
+        flags.update(buffer_size=400)
+    script.train(script.Args(**flags))
+    assert len(loads) == 1 + 4
 
 
 # ---- the update ----
@@ -71,12 +76,15 @@ HAND_BATCH = (  # obs, action, reward, next_obs, terminated
 
 
 def test_td_target_cuts_bootstrap_only_where_terminated(script):
-    """Seed bug: `done` written where `1 - done` belongs bootstraps from terminal states and not from others."""
-    _, target = tabular_networks()
-    _, _, rewards, next_obs, terminated = HAND_BATCH
-    targets = script.td_target(target, rewards, next_obs, terminated, gamma=0.9)
-    # row 0: 1 + 0.9 * max Q'(s1) = 10; row 1 terminated: just its reward; rows 2, 3: r + 0.9 * max Q'(s0)
-    assert targets.tolist() == pytest.approx([10.0, 0.5, 4.3, 1.9])
+    """Seed bug: `done` written where `1 - done` belongs bootstraps from terminal states and not from others.
+    Targets by hand: row 0: 1 + 0.9 * max Q'(s1) = 10; row 1 terminated: just its reward; rows 2, 3: r + 0.9 *
+    max Q'(s0). An online network whose taken Q-values are those targets has a loss of 0."""
+    online, target = tabular_networks()
+    with torch.no_grad():  # Q(s, a) = W[a, s]; the batch takes (s0, 0), (s1, 1), (s0, 1), (s1, 0)
+        online.weight.copy_(torch.tensor([[10.0, 1.9], [4.3, 0.5]]))
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.0)
+    loss, _ = script.td_update(online, target, optimizer, HAND_BATCH, gamma=0.9, max_grad_norm=0.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loss_matches_hand_computed_huber(script):
@@ -119,17 +127,18 @@ def test_epsilon_greedy_extremes(script):
         network.weight.copy_(torch.tensor([[0.0, 1.0], [5.0, 0.0], [1.0, 2.0]]))
     obs = torch.tensor([S0, S1] * 50)
     rng = np.random.default_rng(0)
-    greedy = script.epsilon_greedy(network, obs, 0.0, 3, rng)
+    greedy = script.epsilon_greedy(lambda obs: network(obs).argmax(dim=1), obs, 0.0, 3, rng)
     assert greedy.tolist() == [1, 2] * 50
-    random_actions = script.epsilon_greedy(network, obs, 1.0, 3, rng)
+    random_actions = script.epsilon_greedy(lambda obs: network(obs).argmax(dim=1), obs, 1.0, 3, rng)
     assert set(random_actions.tolist()) == {0, 1, 2}
 
 
 # ---- the seed bugs' reintroduction ----
 
 def test_every_line_reintroduce_seed_bugs_patches_is_in_its_script_once():
-    """tests/reintroduce_seed_bugs.py (too slow for the suite) puts each seed bug back by replacing a line; a line
+    """benchmark/reintroduce_seed_bugs.py (too slow for the suite) puts each seed bug back by replacing a line; a line
     reworded since would make it stop at that bug, so the suite checks that every line is still there."""
+    sys.path.insert(0, str(REPO / "benchmark"))
     import reintroduce_seed_bugs
 
     assert reintroduce_seed_bugs.stale_patches() == []

@@ -1,11 +1,9 @@
-"""What a loader trusts (no file we load may run code) and how a run fails: a diverging loss, a silent worker
-process, a resume on other hardware, settings that would hang, a resume without the replay, a game whose lives
-counter reaches 0 before it ends."""
+"""What a loader trusts (no file we load may run code) and how a run fails: a diverging loss, a resume on other
+hardware, a resume without the replay, a game whose lives counter reaches 0 before it ends."""
 
 import os
 import pickle
 import re
-import signal
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 import dqn
 import dqn_atari as atari
 from script_runner import assert_one_line_error, run_script
-from test_dqn_atari import small_args
+from conftest import small_args
 
 
 # ---- no file we load runs code ----
@@ -40,11 +38,11 @@ def real_checkpoint(tmp_path_factory) -> dict:
 def crafted_checkpoints(real: dict, marker) -> dict:
     """Checkpoints that each carry a payload creating `marker` when unpickled, by the three ways in."""
     pickled = pickle.dumps(CreatesAFile(marker))
-    in_emulator_field = {**real, "games": [{**real["games"][0], "ale": pickled}]}
-    older_format = {**in_emulator_field, "format": atari.PICKLED_EMULATOR_FORMAT}
+    in_emulator_field = {**real, "game": {**real["game"], "ale": pickled}}
+    older_format = {**in_emulator_field, "format": "dqn_atari checkpoint 1"}
     as_an_object = {**real, "args": CreatesAFile(marker)}  # torch.save pickles the object itself
     return {"emulator bytes": (in_emulator_field, "the emulator state is a bytes, not the uint8 tensor"),
-            "older format": (older_format, f"of commit {atari.LAST_COMMIT_READING_IT}"),
+            "older format": (older_format, f"of commit {atari.OLDER_FORMATS['dqn_atari checkpoint 1'][1]}"),
             "object": (as_an_object, "is not a readable dqn_atari.py checkpoint (UnpicklingError)")}
 
 
@@ -146,17 +144,6 @@ def test_dqn_in_process_divergence_is_caught_at_the_next_loss_read(tmp_path, mon
 # ---- a CPU checkpoint resumed where CUDA graphs record the optimizer step ----
 
 
-def test_a_loaded_optimizer_keeps_this_runs_capturable_setting():
-    network = atari.QNetwork(4)
-    cpu_run = atari.make_optimizer(atari.Args(), network, capturable=False)
-    network(torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8)).sum().backward()
-    cpu_run.step()
-    graphed_run = atari.make_optimizer(atari.Args(), network, capturable=True)
-    atari.load_optimizer_state(graphed_run, cpu_run.state_dict())
-    assert graphed_run.param_groups[0]["capturable"] is True
-    assert graphed_run.state[next(network.parameters())]["exp_avg"].abs().sum() > 0, "the state was loaded"
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to record CUDA graphs")
 def test_a_cpu_checkpoint_resumes_on_the_gpu_with_cuda_graphs(tmp_path):
     first = atari.train(small_args(tmp_path, total_timesteps=150, checkpoint_every=150, checkpoint_replay=True))
@@ -166,48 +153,18 @@ def test_a_cpu_checkpoint_resumes_on_the_gpu_with_cuda_graphs(tmp_path):
     assert resumed["global_step"] == 300
 
 
-# ---- settings that would hang, and a worker that does ----
-
-
-def test_updates_due_before_every_game_has_stored_a_transition_are_refused(tmp_path):
-    finished = run_script("dqn_atari.py", "--num-envs", "8", "--learning-starts", "4", "--train-frequency", "4",
-                          "--no-cuda", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path, timeout=120)
-    assert_one_line_error(finished, "--learning-starts must be at least --num-envs (8), got 4", "dqn_atari.py")
-    run = atari.train(small_args(tmp_path, num_envs=2, learning_starts=2, train_frequency=2, total_timesteps=20))
-    assert run["global_step"] == 20  # the smallest learning start allowed runs to its end
-
-
-def test_a_worker_process_that_stops_answering_stops_the_run_and_leaves_the_checkpoint(tmp_path, monkeypatch):
-    real_step, passes = atari.Games.step, [0]
-
-    def step(games, actions):
-        passes[0] += 1
-        if passes[0] == 60:  # step 120 of two games, past the checkpoint at 100
-            # short only now: a worker's start (importing torch) on a loaded machine can take longer than 3 s
-            monkeypatch.setattr(atari, "WORKER_ANSWER_TIMEOUT_S", 3.0)
-            os.kill(games.workers[0].pid, signal.SIGSTOP)
-        return real_step(games, actions)
-
-    monkeypatch.setattr(atari.Games, "step", step)
-    with pytest.raises(atari.GameWorkerFailed, match="training game 1 has not answered for 3 s"):
-        atari.train(small_args(tmp_path, num_envs=2, total_timesteps=300, checkpoint_every=100))
-    assert not torch.multiprocessing.active_children(), "the silent worker was stopped"
-    [run_dir] = os.listdir(tmp_path / "runs")
-    assert atari.load_checkpoint(str(tmp_path / "runs" / run_dir / "checkpoint.pt"))["global_step"] == 100
-
-
 # ---- a resume without the replay ----
 
 
 def test_a_resume_without_the_replay_stores_the_stacks_the_agent_saw(tmp_path):
     first = atari.train(small_args(tmp_path, total_timesteps=130, checkpoint_every=130))
     path = os.path.join(first["run_dir"], "checkpoint.pt")
-    saw = atari.load_checkpoint(path)["frame_stack"][0]
+    saw = atari.load_checkpoint(path)["obs"][0]
     assert len({frame.numpy().tobytes() for frame in saw}) == atari.STACK, "mid-episode: four different frames"
     resumed = atari.train(atari.Args(resume=path, total_timesteps=140), ["--resume", path, "--total-timesteps", "140"])
     replay = resumed["replay"]
     first_transition = np.flatnonzero(replay.starts_transition[:replay.size])[:1]
-    stored, *_ = replay.sample(1, first_transition)
+    stored, *_ = replay.batch(first_transition)
     assert torch.equal(stored[0], saw)
 
 

@@ -2,10 +2,10 @@
 repository, one at a time, runs the suite's fast tests there, and prints which tests caught it. Every bug must
 be caught by at least one test; exit status 1 if not.
 
-    python tests/reintroduce_seed_bugs.py            # about 30 minutes on two cores
+    python benchmark/reintroduce_seed_bugs.py            # about 30 minutes on two cores
 
-Not collected by pytest (it runs the suite many times over); the list it prints is the evidence that each
-bug named in the tests' docstrings really fails them.
+A check of the suite, not a test (it runs the suite many times over); the list it prints is the evidence that
+each bug named in the tests' docstrings really fails them.
 """
 
 import os
@@ -21,10 +21,11 @@ CHOICE = "np.random.choice sampling"
 LEARNER = [
     ("loss off by a factor of 2", "loss = F.smooth_l1_loss(q_taken, target)",
      "loss = 0.5 * F.smooth_l1_loss(q_taken, target)"),
-    ("backprop through the target network", "@torch.no_grad()  # the target is a constant", "# the target"),
+    ("backprop through the target network", "with torch.no_grad():  # the target is a constant",
+     "if True:  # the target is a constant"),
     ("`done` where `1 - done` belongs", "gamma * next_q * (1.0 - terminated)", "gamma * next_q * terminated"),
-    ("target-sync counter never incremented", "        self.steps += 1  # the article's",
-     "        pass  # the article's"),
+    ("target-sync counter never incremented", "if global_step % args.target_network_frequency == 0:",
+     "if 0 % args.target_network_frequency == 0:"),
 ]
 BUGS = {
     "dqn.py": LEARNER + [
@@ -40,22 +41,22 @@ BUGS = {
          "reward * args.reward_scale, next_obs, terminated or truncated)"),
     ],
     "dqn_atari.py": LEARNER + [
-        (CHOICE, "flat = self.rng.integers(0, self.games * filled, size=count)",
-         "flat = np.random.choice(self.games * filled, count, replace=False)"),
+        (CHOICE, "idx = self.rng.integers(0, self.size, size=batch_size)",
+         "idx = np.random.choice(self.size, batch_size, replace=False)"),
         ("float64 replay", "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8",
          "torch.zeros((capacity, FRAME_SIZE, FRAME_SIZE), dtype=torch.float64"),
-        ("batch built from a list of arrays", "stacks = self.frames.index_select(0, flat_slots.to(self.frames.device))",
-         "stacks = torch.tensor(np.array([self.frames[int(s)].numpy() for s in flat_slots]))"),
-        ("tensors left on the CPU", "FRAME_SIZE, FRAME_SIZE).to(self.device)  # no-op if there",
-         "FRAME_SIZE, FRAME_SIZE)  # no-op if there"),
+        ("batch built from a list of arrays", "torch.index_select(self.frames, 0, flat_slots, out=",
+         "stacks = torch.tensor(np.array([self.frames[int(s)].numpy() for s in flat_slots])).view(stacks.shape); ("),
+        ("tensors left on the CPU", "stacks = stacks.to(self.device, non_blocking=True)", "stacks = stacks"),
         ("preprocessing on the CPU", "frames = torch.from_numpy(raw).to(self.device).amax(",
          "frames = torch.from_numpy(raw).amax("),
         ("whole games instead of life-loss episodes", "terminated = game_over or (life_lost and self.end_on_life_loss)",
          "terminated = game_over"),
         ("Breakout idling without FIRE", "self.fire_action = 1 if len(meanings)", "self.fire_action = None if len(meanings)"),
-        ("a time limit stored as terminal", "float(np.sign(outcome.reward)), outcome.terminated,",
-         "float(np.sign(outcome.reward)), outcome.terminated or outcome.truncated,"),
-        ("rewards not clipped", "float(np.sign(outcome.reward)), outcome.terminated,", "float(outcome.reward), outcome.terminated,"),
+        ("a time limit stored as terminal", "float(np.sign(reward)), terminated, terminated or truncated",
+         "float(np.sign(reward)), terminated or truncated, terminated or truncated"),
+        ("rewards not clipped", "float(np.sign(reward)), terminated, terminated or truncated",
+         "float(reward), terminated, terminated or truncated"),
         ("stacks across an episode start", "np.minimum(np.arange(STACK - 1, -1, -1)[None, :], self.history[idx][:, None]"
          ".astype(np.int64))", "np.arange(STACK - 1, -1, -1)[None, :].repeat(len(idx), 0)"),
     ],
