@@ -373,6 +373,24 @@ def test_eval_checkpoint_plays_the_same_games_at_each_epsilon(tmp_path, capsys):
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_agent_gif_plays_one_whole_game_from_saved_weights(tmp_path, capsys):
+    """benchmark/agent_gif.py: a saved model's game as a GIF; anything but a saved model is refused in one line."""
+    sys.path.insert(0, str(REPO / "benchmark"))
+    import agent_gif
+
+    run = atari.train(small_args(tmp_path, total_timesteps=30, save_model=True))
+    model = os.path.join(run["run_dir"], "dqn_atari.pt")
+    agent_gif.main([model, "--out", str(tmp_path / "agent.gif"), "--every", "4"])
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith("BreakoutNoFrameskip-v4: score ")
+    assert (tmp_path / "agent.gif").read_bytes()[:6] == b"GIF89a"
+    steps, frames = int(printed.split(" in ")[1].split()[0]), int(printed.split(", ")[-1].split()[0])
+    assert frames == -(-steps // 4)
+    with pytest.raises(SystemExit) as stop:
+        agent_gif.main([os.path.join(run["run_dir"], "eval.csv"), "--out", str(tmp_path / "no.gif")])
+    assert stop.value.code == 2 and "is not a model dqn_atari.py --save-model wrote" in capsys.readouterr().err
+
+
 def test_bf16_check_trains_three_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys):
     """benchmark/bf16_check.py: float32, bf16 on the same batches and float32 on others, from one checkpoint."""
     sys.path.insert(0, str(REPO / "benchmark"))
