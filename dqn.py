@@ -466,8 +466,10 @@ def train(args: Args) -> dict:
     # fused: one kernel for all parameters instead of ~6 small ops per tensor
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     replay = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
-    def act(obs):  # noqa: E306 (the greedy action: argmax Q)
+
+    def act(obs):  # the greedy action: argmax Q
         return q_network(obs).argmax(dim=1)
+
     action_rng = np.random.default_rng(args.seed)
     log = RunLog(args)
 

@@ -965,10 +965,13 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     online, target = q_network, target_network
     if args.bf16:
         online, target = bf16_forward(q_network), bf16_forward(target_network)
-    def update(*batch):  # noqa: E306
+
+    def update(*batch):
         return td_update(online, target, optimizer, batch, args.gamma, args.max_grad_norm)
-    def act(obs):  # noqa: E306
+
+    def act(obs):
         return q_network(obs).argmax(dim=1)
+
     if args.cuda_graphs and device.type == "cuda":
         optimizer.param_groups[0]["capturable"] = True  # Adam's step count stays on the GPU, as a recording needs
         update, act = CudaGraphed(update), CudaGraphed(act)
