@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dqn_atari
-from script_runner import REPO
+from script_runner import REPO, run_script
 
 
 def small_args(tmp_path, script=dqn_atari, **overrides):
@@ -33,6 +33,13 @@ def progress_lines(output: str) -> dict:
             steps_done = int(step.split()[1].split("/")[0])
             lines[steps_done] = [field for field in fields if not field.startswith(("SPS", "ETA"))]
     return lines
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wraps owner.name so that each call appends 1 to the list returned, then does what it did."""
+    calls, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
 
 
 def frame_with_id(frame_id: int) -> torch.Tensor:
@@ -141,9 +148,8 @@ def check_a_signal_writes_a_checkpoint_that_resumes(script: str, tmp_path, sig, 
     assert f"stopped by signal {int(sig)}" in output
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.pt")
     saved = torch.load(checkpoint, weights_only=True)
-    resumed = subprocess.run([sys.executable, str(REPO / script), "--resume", str(checkpoint), "--total-timesteps",
-                              str(saved["global_step"] + 50), "--eval-episodes", "1"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_script(script, "--resume", str(checkpoint), "--total-timesteps", str(saved["global_step"] + 50),
+                         "--eval-episodes", "1", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and "final eval over 1 games" in resumed.stdout
     assert "the checkpoint has no replay: collecting 100 steps" in resumed.stdout

@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector
 
 import dqn_atari_parallel as parallel
 from conftest import (check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
-                      check_replay_against_a_naive_one, frame_with_id, small_args)
+                      check_replay_against_a_naive_one, count_calls, frame_with_id, small_args)
 from script_runner import REPO, assert_one_line_error, run_script
 
 CPU = torch.device("cpu")
@@ -96,11 +96,8 @@ def test_several_games_count_steps_updates_and_syncs_as_one_game_and_leave_no_wo
     """Three games: 300 env steps are 100 passes of the loop, yet the updates (one per 4 env steps after
     learning_starts) and target syncs (every 50 env steps) are those of one game, each game's transitions fill a
     ring of its own, and the worker processes are gone when training ends."""
-    updates, loads = [], []
-    real_update, load_state_dict = parallel.td_update, parallel.QNetwork.load_state_dict
-    monkeypatch.setattr(parallel, "td_update", lambda *a, **k: updates.append(1) or real_update(*a, **k))
-    monkeypatch.setattr(parallel.QNetwork, "load_state_dict",
-                        lambda network, state, **kwargs: loads.append(1) or load_state_dict(network, state, **kwargs))
+    updates = count_calls(monkeypatch, parallel, "td_update")
+    loads = count_calls(monkeypatch, parallel.QNetwork, "load_state_dict")
     threads_before = torch.get_num_threads()
     result = parallel.train(small_args(tmp_path, parallel, num_envs=3, end_e=1.0))
     assert result["global_step"] == 300 and len(updates) == (300 - 100) // 4 and len(loads) == 1 + 300 // 50

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import dqn
 import dqn_atari
+from conftest import count_calls
 from script_runner import REPO
 
 
@@ -41,10 +42,7 @@ def test_linear_schedule_runs_from_start_to_end_then_stays(script):
 def test_target_network_is_synced_every_n_steps(script, tmp_path, monkeypatch):
     """Seed bug: the sync counter was never incremented, so the target network never moved. 200 steps with a
     sync every 50: the target network is loaded once at the start and 4 times after."""
-    loads = []
-    load_state_dict = script.QNetwork.load_state_dict
-    monkeypatch.setattr(script.QNetwork, "load_state_dict",
-                        lambda network, state, **kwargs: loads.append(1) or load_state_dict(network, state, **kwargs))
+    loads = count_calls(monkeypatch, script.QNetwork, "load_state_dict")
     flags = dict(total_timesteps=200, learning_starts=60, target_network_frequency=50, eval_every=0, eval_episodes=1,
                  progress_every=0, runs_dir=str(tmp_path), cuda=False)
     if script is dqn_atari:
