@@ -72,14 +72,14 @@ def run_measured(command: list, threads: int, cores: set, log_path: Path, cwd=No
     return stdout, usage.ru_maxrss * 1024
 
 
-# Each reference is timed against a dqn_atari.py run with its own settings: SB3 always clips the gradient norm
+# Each reference is timed against a run of our script with its own settings: SB3 always clips the gradient norm
 # (at 10), CleanRL never does.
-OURS_AS = {"sb3": ("dqn_atari.py, clip 10", ["--max-grad-norm", "10"]), "cleanrl": ("dqn_atari.py", [])}
+OURS_AS = {"sb3": (", clip 10", ["--max-grad-norm", "10"]), "cleanrl": ("", [])}  # (name suffix, flags)
 
 
 def ours_name(args, reference: str) -> str:
-    """Our run timed against `reference`, named for the script timed."""
-    return OURS_AS[reference][0].replace("dqn_atari.py", args.script)
+    """Our run timed against `reference`: the script timed, and what it changes to match the reference."""
+    return args.script + OURS_AS[reference][0]
 
 
 def programs(args, work: Path) -> dict:
