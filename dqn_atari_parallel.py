@@ -1034,7 +1034,8 @@ def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
     try:
         args = Args(**{**saved, **{name: getattr(args, name) for name in RESUMABLE & given | {"resume"}}})
     except TypeError as error:  # a flag this version does not have
-        raise ConfigError(f"{args.resume} was written with flags this version lacks ({error})") from None
+        raise ConfigError(f"{args.resume} holds a flag this version lacks ({error}); continue it with the "
+                          "dqn_atari_parallel.py that wrote it") from None
     # a checkpoint past the run's end is a typo, and resuming it would drop the eval rows and events after it
     if checkpoint["global_step"] > -(-args.total_timesteps // args.num_envs) * args.num_envs:
         raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "

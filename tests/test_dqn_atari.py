@@ -339,6 +339,19 @@ def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
     with pytest.raises(atari.ConfigError, match="trained with --bf16 False, not True"):
         atari.train(atari.Args(resume=older_path, bf16=True), ["--resume", older_path, "--bf16"])
 
+    newer = torch.load(path, weights_only=True)
+    newer["args"]["num_envs"] = 2  # a flag of another script (dqn_atari_parallel.py) or a later version
+    newer_path = str(tmp_path / "newer.pt")
+    torch.save(newer, newer_path)
+    with pytest.raises(atari.ConfigError, match=r"holds a flag this version lacks \(.*num_envs.*\); continue it with "
+                                                r"the dqn_atari.py that wrote it"):
+        atari.train(atari.Args(resume=newer_path), ["--resume", newer_path])
+
+    earlier_layout = {**torch.load(path, weights_only=True), "format": "dqn_atari checkpoint 2"}
+    torch.save(earlier_layout, older_path)
+    with pytest.raises(atari.ConfigError, match="an older checkpoint .*; continue it with dqn_atari.py of commit 3d1869b"):
+        atari.train(atari.Args(resume=older_path), ["--resume", older_path])
+
     eval_rows = open(os.path.join(run["run_dir"], "eval.csv")).read()
     with pytest.raises(atari.ConfigError, match="the checkpoint is at step 30, past --total-timesteps 10; give one "
                                                 "of at least 30"):
