@@ -349,7 +349,8 @@ def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
 
     earlier_layout = {**torch.load(path, weights_only=True), "format": "dqn_atari checkpoint 2"}
     torch.save(earlier_layout, older_path)
-    with pytest.raises(atari.ConfigError, match="an older checkpoint .*; continue it with dqn_atari.py of commit 3d1869b"):
+    with pytest.raises(atari.ConfigError,
+                       match="an older checkpoint .*; continue it with dqn_atari.py of commit 3d1869b"):
         atari.train(atari.Args(resume=older_path), ["--resume", older_path])
 
     eval_rows = open(os.path.join(run["run_dir"], "eval.csv")).read()
