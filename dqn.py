@@ -7,6 +7,7 @@ grew from: each mistake it describes has a test that fails if it comes back.
 """
 
 import csv
+import hashlib
 import math
 import os
 import random
@@ -14,6 +15,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import gymnasium as gym
@@ -103,7 +105,7 @@ LOG_EVERY = 100  # env steps between loss logs, as CleanRL
 
 
 class ConfigError(Exception):
-    """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+    """Bad input, or a file that cannot be read or written: one line and a non-zero exit, never a traceback."""
 
 
 class TrainingDiverged(Exception):
@@ -322,23 +324,80 @@ def surely_reaches(returns: np.ndarray, threshold: float) -> bool:
 # ---- Saved models ------------------------------------------------------------------------------------------
 
 
-def save_model(path: str, q_network: QNetwork, args: Args, obs_dim: int, n_actions: int) -> None:
-    """Writes weights with what is needed to rebuild the network, atomically (never a half-written file)."""
-    payload = {"state_dict": q_network.state_dict(), "env_id": args.env_id, "obs_dim": obs_dim,
-               "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes)}
+def checksum(payload) -> str:
+    """sha256 over everything a checkpoint or saved model holds, tensors as their bytes: a flipped bit shows."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, (dict, list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}".encode())
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                digest.update(repr(key).encode())
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
+def save_atomically(payload: dict, path: str) -> None:
+    """With its checksum, to a temporary file that is synced, then renamed over `path`: a crash or a power loss
+    mid-write leaves the previous file whole, and a failed write (a full disk) leaves no temporary file behind."""
     tmp_path = path + ".tmp"
-    torch.save(payload, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as file:
+            torch.save({**payload, "checksum": checksum(payload)}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself, made durable
+        finally:
+            os.close(directory)
+    except BaseException as error:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        if isinstance(error, OSError):
+            raise ConfigError(f"cannot write {path} ({error.strerror or error}); the file there before, if any, is "
+                              "as it was") from None
+        raise
+
+
+def verified(loaded: dict, path: str, weights: str) -> dict:
+    """A loaded checkpoint or model less its checksum, refused (ConfigError, for the caller to name the file) if its
+    contents do not match it or the weights under `weights` are not finite; one older than checksums warns."""
+    saved = loaded.pop("checksum", None)
+    if saved is None:
+        print(f"warning: {path} carries no checksum (an older version wrote it), so it cannot be verified",
+              file=sys.stderr, flush=True)
+    elif saved != checksum(loaded):
+        raise ConfigError("its contents do not match the checksum written with them: the file is corrupt")
+    if not all(torch.isfinite(tensor).all() for tensor in loaded[weights].values()):
+        raise ConfigError("its weights are not finite (NaN or infinity)")
+    return loaded
+
+
+def save_model(path: str, q_network: QNetwork, args: Args, obs_dim: int, n_actions: int) -> None:
+    """Writes weights with what is needed to rebuild the network."""
+    save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id, "obs_dim": obs_dim,
+                     "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes)}, path)
 
 
 def load_model(path: str, obs_dim: int, n_actions: int, device: torch.device) -> QNetwork:
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = verified(torch.load(path, map_location=device, weights_only=True), path, "state_dict")
         shape = (payload["obs_dim"], payload["n_actions"])
         q_network = QNetwork(payload["obs_dim"], payload["n_actions"], tuple(payload["hidden_sizes"]))
         q_network.load_state_dict(payload["state_dict"])
     except FileNotFoundError:
         raise ConfigError(f"no saved model at {path}") from None
+    except ConfigError as error:  # a corrupt file, or weights that are not finite
+        raise ConfigError(f"{path}: {error}") from None
     except Exception as error:  # unpickling, a missing key, mismatched tensors: all mean "not our model"
         raise ConfigError(f"{path} is not a readable dqn.py model ({type(error).__name__}); give a file that "
                           "dqn.py --save-model wrote") from None
@@ -355,14 +414,15 @@ def make_run_dir(args: Args) -> str:
     name = args.env_id.replace("/", "-")
     base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir, suffix = base, 1
-    while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
-        run_dir, suffix = f"{base}-{suffix}", suffix + 1
-    try:
-        os.makedirs(run_dir)
-    except OSError as error:  # a missing parent we may not create, a file in the way, no permission
-        raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
-                          "--runs-dir") from None
-    return run_dir
+    while True:
+        try:
+            os.makedirs(run_dir)  # never an existing one, so never an earlier or a concurrent run's files
+            return run_dir
+        except FileExistsError:
+            run_dir, suffix = f"{base}-{suffix}", suffix + 1
+        except OSError as error:  # a missing parent we may not create, a file in the way, no permission
+            raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
+                              "--runs-dir") from None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -408,9 +468,14 @@ class RunLog:
 
     def start_clock(self) -> None:
         self.start_time = time.time()
+        self.last_progress = (self.start_time, 0)  # (time, step): the ETA's rate is from the last line
 
     def wall_seconds(self) -> float:
         return time.time() - self.start_time
+
+    def steps_per_second(self, step: int, now: float) -> float:
+        """This process's env steps per second, up to `step`."""
+        return step / (now - self.start_time)
 
     def episode_over(self, episode_return: float, episode_length: int, step: int) -> None:
         self.writer.add_scalar("charts/episodic_return", episode_return, step)
@@ -424,7 +489,7 @@ class RunLog:
         self.writer.add_scalar("losses/td_loss", loss, step)
         self.writer.add_scalar("losses/q_values", q_mean, step)
         self.writer.add_scalar("charts/epsilon", epsilon, step)
-        self.writer.add_scalar("charts/SPS", int(step / self.wall_seconds()), step)
+        self.writer.add_scalar("charts/SPS", int(self.steps_per_second(step, time.time())), step)
         return ""
 
     def evaluate(self, evaluate: Evaluator, q_network: nn.Module, step: int) -> np.ndarray:
@@ -437,18 +502,30 @@ class RunLog:
         self.eval_file.flush()
         return returns
 
-    def progress(self, step: int, epsilon: float, recent_returns: deque) -> None:
-        elapsed = self.wall_seconds()
+    def progress(self, step: int, epsilon: float, recent_returns: deque, updates_begin_at: int) -> None:
+        now, (then, then_step) = time.time(), self.last_progress
+        self.last_progress = (now, step)
         recent = np.mean(recent_returns) if recent_returns else float("nan")
-        print(f"step {step:>8}/{self.args.total_timesteps} | SPS {step / elapsed:6.0f} | "
-              f"eps {epsilon:.3f} | return(100) {recent:8.2f} | eval {self.last_eval:8.2f} | "
-              f"ETA {elapsed * (self.args.total_timesteps / step - 1):5.0f}s", flush=True)
+        # the ETA from the steps since the last line, not from the start: collecting alone runs many times faster
+        seconds_left = (now - then) * (self.args.total_timesteps - step) / (step - then_step)
+        eta = f"ETA {timedelta(seconds=round(seconds_left))}"
+        if step <= updates_begin_at:
+            eta = f"updates from step {updates_begin_at:,}"
+        print(f"step {step:>9}/{self.args.total_timesteps} | SPS {self.steps_per_second(step, now):5.0f} | "
+              f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {self.last_eval:7.2f} | {eta}", flush=True)
 
     def close(self, diverged: str) -> None:
         self.eval_file.close()
         self.writer.close()
         if self.tracking is not None:
             self.tracking.finish(exit_code=1 if diverged else 0)
+
+
+def weights_not_finite(network: nn.Module, step: int) -> str:
+    """What went non-finite in the network's weights at `step`, if anything (as RunLog.update says of the loss)."""
+    if all(torch.isfinite(parameter).all() for parameter in network.parameters()):
+        return ""
+    return f"at step {step:,} the network's weights are not finite"
 
 
 def train(args: Args) -> dict:
@@ -481,7 +558,7 @@ def train(args: Args) -> dict:
     diverged = ""  # what went non-finite, and when
     log.start_clock()
     for global_step in range(1, args.total_timesteps + 1):
-        # act: epsilon-greedy, epsilon annealed linearly
+        # act: epsilon-greedy, epsilon falling linearly over the first exploration_fraction of the run
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         with torch.no_grad():  # a batch of one observation
             action = int(epsilon_greedy(act, torch.as_tensor(obs, device=device)[None], epsilon, n_actions,
@@ -526,8 +603,10 @@ def train(args: Args) -> dict:
                       flush=True)
                 break
         if args.progress_every and global_step % args.progress_every == 0:
-            log.progress(global_step, epsilon, recent_returns)
+            log.progress(global_step, epsilon, recent_returns, args.learning_starts)
 
+    if not diverged:
+        diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
     final_returns = None
     if not diverged:
         final_returns = log.evaluate(evaluate, q_network, global_step)
@@ -562,7 +641,7 @@ def main() -> None:
     args = tyro.cli(Args)
     try:
         evaluate_saved(args) if args.eval_model else train(args)
-    except (ConfigError, TrainingDiverged) as error:
+    except (ConfigError, TrainingDiverged, OSError) as error:  # OSError: a run's file on a full or read-only disk
         sys.exit(f"dqn.py: error: {error}")
 
 

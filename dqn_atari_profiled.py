@@ -4,15 +4,16 @@
 and the update, the table they make at the end, and --cprofile, --py-spy and --torch-profiler. Its defaults make
 a short run, so `python dqn_atari_profiled.py` says where the time goes in a few minutes.
 
-Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the training device, the replay,
-the network and the TD update, evaluation, the speed-ups attached around the update (--bf16, CUDA graphs),
-checkpoints, the run's files, and train(), whose loop reads as the algorithm: act, step, store, learn, sync.
+Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the device, the replay, the
+network and the update, evaluation, the speed-ups around the update, checkpoints, the run's files, then train().
 "The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
 import cProfile
 import csv
+import hashlib
 import ctypes
+import fcntl
 import math
 import os
 import pstats
@@ -24,6 +25,7 @@ import sys
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, Optional
 
 import ale_py
@@ -78,8 +80,7 @@ class Args:
     max_grad_norm: float = 0.0
     """clip the gradient's global L2 norm to this (0 disables, as CleanRL; SB3 uses 10)"""
     bf16: bool = False
-    """the update's convolutions and 512-unit layer in bfloat16 (fast on GPUs and AVX-512 CPUs; on an AVX2 CPU
-    many times slower, and the run warns); weights, Q-value head, targets, loss and acting stay float32"""
+    """the update's convolutions and 512-unit layer in bfloat16 (fast on GPUs and AVX-512 CPUs, slow on AVX2)"""
     cuda_graphs: bool = True
     """on CUDA, record the update and the greedy action once each as a CUDA graph and replay them (same numbers)"""
     frame_skip: int = 4
@@ -131,7 +132,7 @@ RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", 
 
 
 class ConfigError(Exception):
-    """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+    """Bad input, or a file that cannot be read or written: one line and a non-zero exit, never a traceback."""
 
 
 class TrainingDiverged(Exception):
@@ -170,9 +171,7 @@ def check_args(args: Args) -> None:
             raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
 
 
-# ---- Profiling harness ---------------------------------------------------------------------------------------
-
-
+# ---- Profiling harness -------------------------------------------------------------------------------------
 class PhaseTimer:
     """Charges the time since the previous lap() to the phase named: every moment of the loop lands in one
     phase. On CUDA each lap records an event and phases are charged the stream time between events, so GPU
@@ -261,8 +260,6 @@ def stop_py_spy(recorders: list) -> None:
 
 
 # ---- The game, behind Nature's wrappers --------------------------------------------------------------------
-
-
 def make_ale_env(env_id: str, repeat_action_probability: Optional[float]) -> gym.Env:
     """The raw emulator (one frame per step, grayscale, minimal action set); ConfigError if not an ALE game."""
     try:
@@ -281,13 +278,10 @@ def make_ale_env(env_id: str, repeat_action_probability: Optional[float]) -> gym
 
 
 class AtariGame:
-    """One ALE game behind Nature's wrappers; its frames stay raw for the preprocessing on the device.
-
-    step() repeats the action frame_skip times and returns the last two 210x160 grayscale frames (their max
-    hides sprites drawn every other frame). A game starts with 1..noop_max no-ops. With end_on_life_loss
-    (training), a lost life ends the episode but not the game (the article trained on whole games). FIRE serves
-    at every start and after every lost life where a game waits for it (the article's Breakout idled).
-    game_return and game_length count whole games with unclipped rewards."""
+    """One ALE game behind Nature's wrappers: step() repeats the action frame_skip times and returns the last two
+    raw frames (their max hides sprites drawn every other frame); a game starts with 1..noop_max no-ops; with
+    end_on_life_loss (training) a lost life ends the episode, not the game (the article trained on whole games);
+    FIRE serves where a game waits for it (the article's Breakout idled). game_return counts unclipped rewards."""
 
     def __init__(self, env_id: str, seed: int, frame_skip: int = 4, noop_max: int = 30,
                  end_on_life_loss: bool = True, repeat_action_probability: Optional[float] = None):
@@ -309,8 +303,7 @@ class AtariGame:
         self.game_return, self.game_length = 0.0, 0
 
     def _act(self, action: int, frames: int):
-        """Emulates `frames` frames into raw[k % 2], so raw holds the last two; returns (reward, game over,
-        truncated). After a single frame both hold it: no max (as AtariPreprocessing at frame skip 1)."""
+        """Emulates `frames` frames into raw[k % 2]; returns (reward, game over, truncated)."""
         reward, game_over, truncated = 0.0, False, False
         for k in range(frames):
             reward += self.ale.act(self.action_set[action])
@@ -319,7 +312,7 @@ class AtariGame:
             if game_over or truncated:
                 break
         if frames == 1:
-            self.raw[1] = self.raw[0]
+            self.raw[1] = self.raw[0]  # one frame: no max, as AtariPreprocessing at frame skip 1
         return reward, game_over, truncated
 
     def reset(self) -> np.ndarray:
@@ -371,7 +364,7 @@ class AtariGame:
         try:
             self.ale.restoreState(emulator_state(state["ale"]))
         except SystemError:  # ale-py's answer to bytes it parsed but cannot restore
-            raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
+            raise ConfigError("the emulator state is not one ale-py can restore") from None
         self.raw[:] = state["raw"].numpy()
         self.rng.bit_generator.state = state["rng"]
         self.game_over, self.lives = state["game_over"], state["lives"]
@@ -379,8 +372,6 @@ class AtariGame:
 
 
 # ---- Preprocessing on the training device ------------------------------------------------------------------
-
-
 def area_weights(n_in: int, n_out: int) -> torch.Tensor:
     """(n_out, n_in) matrix averaging each output cell over its share of input pixels: OpenCV's INTER_AREA
     shrink, which gymnasium's AtariPreprocessing uses."""
@@ -394,8 +385,7 @@ def area_weights(n_in: int, n_out: int) -> torch.Tensor:
 
 
 class FramePreprocessor:
-    """Raw frame pairs -> 84x84 uint8 frames on the training device: the max of the two (the emulator gives
-    grayscale already), then the area resize as rows @ frame @ cols, two small matmuls."""
+    """Raw grayscale frame pairs -> their max, area-resized to 84x84 uint8 on the device as rows @ frame @ cols."""
 
     def __init__(self, raw_shape: tuple[int, int], device: torch.device):
         self.device = device
@@ -409,14 +399,11 @@ class FramePreprocessor:
 
 
 def first_stack(frames: torch.Tensor) -> torch.Tensor:
-    """(games, 84, 84) first frames of new episodes -> (games, 4, 84, 84) stacks: the frame fills all 4 slots
-    (the replay rebuilds stacks the same way)."""
+    """(games, 84, 84) first frames of episodes -> (games, 4, 84, 84) stacks of them, as the replay rebuilds."""
     return frames.unsqueeze(1).repeat(1, STACK, 1, 1)
 
 
 # ---- Replay ------------------------------------------------------------------------------------------------
-
-
 def available_memory_bytes() -> Optional[int]:
     try:  # Linux's estimate of what can be allocated without swapping
         with open("/proc/meminfo") as meminfo:
@@ -426,12 +413,10 @@ def available_memory_bytes() -> Optional[int]:
 
 
 class FrameReplay:
-    """A ring of single 84x84 uint8 frames, each stored once (not 8 times in (s, s') stacks); stacks are rebuilt
-    when sampled. Slot i holds s_t's newest frame with a_t, r_t and terminated_t; s_{t+1}'s is in slot i+1. An
-    episode's final frame takes a slot that starts no transition (the bootstrap at truncation needs it).
-    history[i] = min(steps into the episode, 3): how far back slot i's stack reaches (at an episode start the
-    first frame repeats, as first_stack does). Sampling is randint over the filled slots, redrawing the few
-    that start no transition, lack s_{t+1} or lost a frame to the write pointer. On CUDA the frames are pinned."""
+    """A ring of 84x84 uint8 frames, each stored once (not 8 times in (s, s') stacks; pinned on CUDA). Slot i holds
+    s_t's newest frame with a_t, r_t, terminated_t; s_{t+1}'s is slot i+1, and an episode's final frame takes a
+    slot of its own. history[i]: how far back (at most 3) slot i's stack reaches within its episode. Sampling is
+    randint, redrawing the few slots that start no whole transition."""
 
     def __init__(self, capacity: int, device: torch.device, seed):
         slot_bytes = FRAME_SIZE * FRAME_SIZE + 8 + 4 + 1 + 1 + 1  # frame, action, reward, three flags
@@ -465,8 +450,7 @@ class FrameReplay:
 
     def add(self, frame: torch.Tensor, action: int, reward: float, terminated: bool, episode_end: bool,
             next_frame: torch.Tensor) -> int:
-        """Stores (s_t's newest frame, a_t, r_t, terminated); at an episode's end also s_{t+1}'s final frame.
-        Returns the slot of the transition."""
+        """Stores s_t's newest frame, a_t, r_t, terminated, and at an episode's end s_{t+1}'s; returns the slot."""
         i = self._write(frame, True)
         self.actions[i], self.rewards[i], self.terminated[i] = action, reward, terminated
         self.episode_steps += 1
@@ -476,8 +460,7 @@ class FrameReplay:
         return i
 
     def start_mid_episode(self, stack: torch.Tensor) -> None:
-        """A resume without the replay, mid-episode: the older frames of the agent's stack go first, so the stacks
-        rebuilt next are the ones the agent saw."""
+        """A resume without the replay: the agent's older frames go first, so the next stacks are the ones it saw."""
         for older in range(STACK - 1):
             self.episode_steps = older
             self._write(stack[older], False)
@@ -503,8 +486,7 @@ class FrameReplay:
         return (idx[:, None] - back) % self.capacity
 
     def batch(self, idx: np.ndarray):
-        """(obs, actions, rewards, next_obs, terminated) of the transitions at idx, on the device; obs are uint8
-        (batch, 4, 84, 84), gathered in one index_select over both stacks of each transition."""
+        """(obs, actions, rewards, next_obs, terminated) at idx on the device, both stacks in one index_select."""
         slots = np.concatenate([self.stack_slots(idx), self.stack_slots((idx + 1) % self.capacity)], axis=1)
         stacks = torch.empty((len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
         flat_slots = torch.from_numpy(slots.reshape(-1))
@@ -537,8 +519,6 @@ class FrameReplay:
 
 
 # ---- Network, schedule and update --------------------------------------------------------------------------
-
-
 class QNetwork(nn.Module):
     """Nature's network: three convolutions and a 512-unit layer over 4 stacked 84x84 frames."""
 
@@ -565,10 +545,8 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 
 
 class DeepMindRMSprop(torch.optim.Optimizer):
-    """RMSProp as DeepMind's DQN code defines it (not torch's RMSprop, which adds eps outside the root):
-    g = 0.95 g + 0.05 dw, g2 = 0.95 g2 + 0.05 dw^2, w -= lr * dw / sqrt(g2 - g^2 + 0.01).
-    Their dw is the minibatch's summed gradient; ours is the mean, so it is scaled by `grad_scale`
-    (the batch size) to keep the 0.01 in the root at the same relative size."""
+    """RMSProp as DeepMind's DQN code has it (torch's adds eps outside the root): g = .95 g + .05 dw,
+    g2 = .95 g2 + .05 dw^2, w -= lr dw / sqrt(g2 - g^2 + .01), dw the batch's summed gradient (grad_scale x ours)."""
 
     def __init__(self, params, lr: float, grad_scale: float, decay: float = 0.95, eps: float = 0.01):
         super().__init__(params, {"lr": lr, "grad_scale": grad_scale, "decay": decay, "eps": eps})
@@ -633,12 +611,9 @@ def epsilon_greedy(greedy, obs: torch.Tensor, epsilon: float, n_actions: int, rn
 
 
 # ---- Evaluation --------------------------------------------------------------------------------------------
-
-
 class Evaluator:
-    """Plays `episodes` full games at once (no life-loss ends, up to 30 no-op starts, 108,000-frame cap),
-    one batched forward pass per step. Each evaluation reseeds its games from (seed, step), so evaluating
-    draws nothing from the training run's random streams and a resumed run evaluates as the original."""
+    """Plays eval_episodes full games at once, one batched forward pass per step. Each evaluation seeds its games
+    from (seed, step): it draws nothing from training's random streams, and a resumed run evaluates the same."""
 
     def __init__(self, args: Args, preprocess: FramePreprocessor, seed: int):
         self.games = [AtariGame(args.env_id, seed + i, args.frame_skip, args.noop_max, end_on_life_loss=False,
@@ -683,13 +658,9 @@ def write_gif(path: str, frames: list) -> None:
 
 
 # ---- Speed: attached around the update and the greedy action -----------------------------------------------
-
-
 def bf16_forward(network: QNetwork):
-    """--bf16: the network's forward pass for the update, its convolutions and 512-unit layer under bfloat16
-    autocast. The Q-value head stays float32: bf16 keeps 8 significant bits, so Q near 10 would be rounded by
-    about 0.03, the size of a typical TD error. Weights, optimizer state, targets, loss and acting stay float32
-    (for one observation, casting the weights costs more than bf16 saves)."""
+    """--bf16: the update's forward pass with the convolutions and 512-unit layer under bfloat16 autocast. The
+    Q head stays float32 (8 bits would round Q near 10 by 0.03, a typical TD error), as do weights and acting."""
     def forward(obs: torch.Tensor) -> torch.Tensor:
         # no cast cache: each weight is cast once per update anyway, and CUDA graph capture refuses the cache
         with torch.autocast(obs.device.type, dtype=torch.bfloat16, cache_enabled=False):
@@ -699,10 +670,8 @@ def bf16_forward(network: QNetwork):
 
 
 class CudaGraphed:
-    """--cuda-graphs: fn called plainly `warmup` times (lazy set-up, such as cuBLAS handles and optimizer state,
-    must not happen in a recording), then recorded once as a CUDA graph and replayed: an update is ~100 small
-    kernels and a greedy action ~10, one launch each instead. A replay copies the arguments into the recorded
-    inputs; its outputs are overwritten by the next call (use them first); weights are read anew each time."""
+    """--cuda-graphs: fn run plainly `warmup` times (lazy set-up must not be recorded), then recorded once as a
+    CUDA graph and replayed: one launch for an update's ~100 kernels. Outputs are overwritten by the next call."""
 
     def __init__(self, fn, warmup: int = 3):
         self.fn, self.warmup = fn, warmup
@@ -731,8 +700,7 @@ class CudaGraphed:
 
 
 def keep_freed_memory() -> bool:
-    """glibc's malloc keeps freed blocks under 32 MB for reuse rather than returning them to the kernel, so an
-    update does not page-fault its activations and gradients in again. False where there is no glibc."""
+    """glibc keeps freed blocks under 32 MB, so an update does not page-fault its buffers in again; False without."""
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
@@ -747,24 +715,24 @@ def cpu_has_bf16_kernels() -> bool:
 
 
 # ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------
-
-
 CHECKPOINT_FORMAT = "dqn_atari checkpoint 3"
-# formats this version refuses -> (why, the last commit whose dqn_atari.py reads them)
-OLDER_FORMATS = {"dqn_atari checkpoint 1": ("its emulator state is a pickle, which can run code when loaded, so "
-                                            "continue it only if you trust the file", "bcf01fb"),
-                 "dqn_atari checkpoint 2": ("it is laid out for the earlier, several-game dqn_atari.py", "3d1869b")}
-UNREADABLE_EMULATOR_STATE = "the emulator state is not one ale-py can read"
+OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn_atari.py reads them
+    "dqn_atari checkpoint 1": "its emulator state is a pickle, which can run code when loaded; continue it, only if "
+                              "you trust the file, with dqn_atari.py of commit bcf01fb",
+    "dqn_atari checkpoint 2": "laid out for the several-game dqn_atari.py; continue it with dqn_atari.py of commit "
+                              "3d1869b"}
 
 
 def emulator_state(saved) -> ale_py.ALEState:
-    """An emulator state rebuilt from the bytes AtariGame.state() keeps; anything else is refused."""
-    if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1):
-        raise ConfigError(f"the emulator state is a {type(saved).__name__}, not the uint8 tensor dqn_atari.py writes")
-    try:
-        return ale_py.ALEState(saved.numpy().tobytes())
-    except Exception:  # ale-py raises SystemError for bytes that are not one of its states
-        raise ConfigError(UNREADABLE_EMULATOR_STATE) from None
+    """An emulator state from the bytes AtariGame.state() keeps; anything else is refused."""
+    if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1:
+        try:
+            return ale_py.ALEState(saved.numpy().tobytes())
+        except Exception:  # ale-py raises SystemError for bytes that are not one of its states
+            pass
+    raise ConfigError(f"the emulator state ({type(saved).__name__}) is not one ale-py can read")
+
+
 def make_checkpoint(args: Args, global_step: int, log, q_network, target_network, optimizer, game: AtariGame,
                     obs: torch.Tensor, replay: FrameReplay, action_rng, recent_returns: deque,
                     updates_begin_at: int, exploration_steps: int) -> dict:
@@ -814,11 +782,62 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
     return checkpoint["global_step"], obs, updates_begin_at, checkpoint["exploration_steps"]
 
 
+def checksum(payload) -> str:
+    """sha256 over everything a checkpoint or saved model holds, tensors as their bytes: a flipped bit shows."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, (dict, list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}".encode())
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                digest.update(repr(key).encode())
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
 def save_atomically(payload: dict, path: str) -> None:
-    """Temporary file, then rename: a crash mid-write leaves the previous file whole."""
+    """With its checksum, to a temporary file that is synced, then renamed over `path`: a crash or a power loss
+    mid-write leaves the previous file whole, and a failed write (a full disk) leaves no temporary file behind."""
     tmp_path = path + ".tmp"
-    torch.save(payload, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as file:
+            torch.save({**payload, "checksum": checksum(payload)}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself, made durable
+        finally:
+            os.close(directory)
+    except BaseException as error:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        if isinstance(error, OSError):
+            raise ConfigError(f"cannot write {path} ({error.strerror or error}); the file there before, if any, is "
+                              "as it was") from None
+        raise
+
+
+def verified(loaded: dict, path: str, weights: str) -> dict:
+    """A loaded checkpoint or model less its checksum, refused (ConfigError, for the caller to name the file) if its
+    contents do not match it or the weights under `weights` are not finite; one older than checksums warns."""
+    saved = loaded.pop("checksum", None)
+    if saved is None:
+        print(f"warning: {path} carries no checksum (an older version wrote it), so it cannot be verified",
+              file=sys.stderr, flush=True)
+    elif saved != checksum(loaded):
+        raise ConfigError("its contents do not match the checksum written with them: the file is corrupt")
+    if not all(torch.isfinite(tensor).all() for tensor in loaded[weights].values()):
+        raise ConfigError("its weights are not finite (NaN or infinity)")
+    return loaded
 
 
 def load_checkpoint(path: str) -> dict:
@@ -827,14 +846,14 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if checkpoint.get("format") in OLDER_FORMATS:
-            why, commit = OLDER_FORMATS[checkpoint["format"]]
-            raise ConfigError(f"an older checkpoint ({why}); continue it with dqn_atari.py of commit {commit}")
+            raise ConfigError(f"an older checkpoint ({OLDER_FORMATS[checkpoint['format']]})")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a checkpoint")
         emulator_state(checkpoint["game"]["ale"])
+        verified(checkpoint, path, "q_network")
     except FileNotFoundError:
         raise ConfigError(f"no checkpoint at {path}") from None
-    except ConfigError as error:  # an older format, or an emulator state that is not ale-py's bytes
+    except ConfigError as error:  # an older format, an emulator state that is not ale-py's bytes, a corrupt file
         raise ConfigError(f"{path}: {error}") from None
     except Exception as error:  # unpickling, truncation, another file's contents: all mean "not ours"
         raise ConfigError(f"{path} is not a readable dqn_atari.py checkpoint ({type(error).__name__}); give a "
@@ -842,56 +861,45 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def flags_given(argv: list[str]) -> set[str]:
-    """Names of the Args fields set on this command line (tyro spells them --env-id or --no-cuda)."""
-    names = set()
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=")[0].replace("-", "_")
-            names.add(name[3:] if name.startswith("no_") and name[3:] in Args.__dataclass_fields__ else name)
-    return names
-
-
 def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
-    """--resume: the checkpoint, and the flags to continue it with: its own, but for those in RESUMABLE that this
-    command line gives. Any other flag given with a different value is a mismatch, refused. Without --resume,
-    the flags as given and no checkpoint."""
+    """--resume: the checkpoint, and its flags with those of this command line in RESUMABLE; another flag given
+    with another value is refused. Without --resume: the flags as given, and no checkpoint."""
     if not args.resume:
         return args, None
     checkpoint = load_checkpoint(args.resume)
-    given = flags_given(argv)
-    saved = {**vars(Args()), **checkpoint["args"]}  # a flag newer than the checkpoint: it ran with the default
-    for name in sorted(given & set(saved) - RESUMABLE):
-        if getattr(args, name) != saved[name]:
-            raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, not "
-                              f"{getattr(args, name)}; drop the flag to continue it as it was")
-    try:
-        args = Args(**{**saved, **{name: getattr(args, name) for name in RESUMABLE & given | {"resume"}}})
+    try:  # a flag newer than the checkpoint ran with its default
+        saved = Args(**{**vars(Args()), **checkpoint["args"], "resume": args.resume})
     except TypeError as error:  # a flag this version does not have
         raise ConfigError(f"{args.resume} holds a flag this version lacks ({error}); continue it with the "
                           "dqn_atari.py that wrote it") from None
+    resumed = tyro.cli(Args, args=argv, default=saved)  # this command line over the checkpoint's flags
+    for name, value in vars(resumed).items():
+        if name not in RESUMABLE and value != getattr(saved, name):
+            raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {getattr(saved, name)}, "
+                              f"not {value}; drop the flag to continue it as it was")
     # a checkpoint past the run's end is a typo, and resuming it would drop the eval rows and events after it
-    if checkpoint["global_step"] > args.total_timesteps:
+    if checkpoint["global_step"] > resumed.total_timesteps:
         raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
-                          f"{args.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
-    return args, checkpoint
+                          f"{resumed.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
+    print(f"resuming {os.path.dirname(os.path.abspath(args.resume))} at step {checkpoint['global_step']:,}",
+          flush=True)
+    return resumed, checkpoint
 
 
 # ---- The run's files ---------------------------------------------------------------------------------------
-
-
 def make_run_dir(args: Args) -> str:
     name = args.env_id.replace("/", "-")
     base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir, suffix = base, 1
-    while os.path.exists(run_dir):  # never write into (and so never clobber) an earlier run's files
-        run_dir, suffix = f"{base}-{suffix}", suffix + 1
-    try:
-        os.makedirs(run_dir)
-    except OSError as error:  # a missing parent we may not create, a file in the way, no permission
-        raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
-                          "--runs-dir") from None
-    return run_dir
+    while True:
+        try:
+            os.makedirs(run_dir)  # never an existing one, so never an earlier or a concurrent run's files
+            return run_dir
+        except FileExistsError:
+            run_dir, suffix = f"{base}-{suffix}", suffix + 1
+        except OSError as error:  # a missing parent we may not create, a file in the way, no permission
+            raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
+                              "--runs-dir") from None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -917,34 +925,25 @@ def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
     return run
 
 
-def time_left(now: float, step: int, total_steps: int, updates_begin_at: int, learning_since) -> str:
-    """The progress line's last field: extrapolated from the learning phase alone (collecting is many times
-    faster). learning_since: (time, step) of the first progress line after updates began, None before."""
-    if learning_since is None:
-        return f"updates from step {updates_begin_at:,}"
-    since_time, since_step = learning_since
-    if step <= since_step:
-        return "ETA     ?"
-    return f"ETA {(now - since_time) * max(0, total_steps - step) / (step - since_step) / 3600:5.2f}h"
-
-
 class RunLog:
     """A run's directory and what goes into it: tensorboard events (CleanRL's charts/ and losses/ names, and
-    eval/), eval.csv, checkpoint.pt, the GIFs of --capture-video and, with --track, a W&B run. A resumed run
-    writes on in its own directory, and its clock goes on from the wall time its checkpoint kept."""
+    eval/), eval.csv, checkpoint.pt, --capture-video's GIFs and --track's W&B run. A resumed run writes on in its
+    own directory, and its clock goes on from the wall time its checkpoint kept."""
 
     def __init__(self, args: Args, checkpoint: Optional[dict]):
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
         self.args = args
-        if checkpoint is not None:
-            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
-            print(f"resuming {self.run_dir} at step {checkpoint['global_step']:,}", flush=True)
-        else:
-            self.run_dir = make_run_dir(args)
         start = checkpoint or {"global_step": 0, "wall_seconds": 0.0, "last_eval": float("nan"), "wandb_run_id": None}
+        self.run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else make_run_dir(args)
+        self.lock = os.open(self.run_dir, os.O_RDONLY)  # held until close() or this process ends, kill -9 too
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another process is training in {self.run_dir}: wait for it to end, or stop it, "
+                              "before resuming") from None
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
-        self.last_checkpoint_step = checkpoint["global_step"] if checkpoint is not None else None
+        self.last_checkpoint_step = checkpoint["global_step"] if checkpoint else None
         self.tracking = start_tracking(args, self.run_dir, start["wandb_run_id"]) if args.track else None
         self.writer = SummaryWriter(self.run_dir, purge_step=start["global_step"] + 1 if checkpoint else None)
         if checkpoint is None:
@@ -952,27 +951,31 @@ class RunLog:
                                  "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
         eval_path, rows = os.path.join(self.run_dir, "eval.csv"), [["step", "eval_mean", "eval_std", "episodes",
                                                                     "wall_seconds"]]
-        if checkpoint is not None and os.path.exists(eval_path):  # a resumed run drops the rows past its checkpoint
+        if checkpoint and os.path.exists(eval_path):  # a resumed run drops the rows past its checkpoint
             with open(eval_path, newline="") as old:
-                rows += [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= start["global_step"]]
+                try:
+                    rows += [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= start["global_step"]]
+                except ValueError:
+                    raise ConfigError(f"{eval_path} has a row that does not start with a step; mend or delete the "
+                                      "row to resume") from None
         with open(eval_path + ".tmp", "w", newline="") as new:
             csv.writer(new).writerows(rows)
         os.replace(eval_path + ".tmp", eval_path)
         self.eval_file = open(eval_path, "a", newline="")
         self.eval_csv = csv.writer(self.eval_file)
-        self.wall_before, self.start_step = start["wall_seconds"], start["global_step"] + 1
+        self.wall_before, self.start_step = start["wall_seconds"], start["global_step"]
         self.last_eval = start["last_eval"]
-        self.learning_since = None  # (time, step) of the first progress line with updates running: the ETA's rate
 
     def start_clock(self) -> None:
         self.start_time = time.time()
+        self.last_progress = (self.start_time, self.start_step)  # (time, step): the ETA's rate is from the last line
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.time() - self.start_time
 
     def steps_per_second(self, step: int, now: float) -> float:
         """This process's env steps per second, up to `step`."""
-        return (step - self.start_step + 1) / (now - self.start_time)
+        return (step - self.start_step) / (now - self.start_time)
 
     def game_over(self, game_return: float, game_length: int, step: int) -> None:
         self.writer.add_scalar("charts/episodic_return", game_return, step)
@@ -1009,11 +1012,14 @@ class RunLog:
         return returns
 
     def progress(self, step: int, epsilon: float, recent_returns: deque, updates_begin_at: int) -> None:
-        now = time.time()
-        if self.learning_since is None and step > updates_begin_at:
-            self.learning_since = (now, step)
+        now, (then, then_step) = time.time(), self.last_progress
+        self.last_progress = (now, step)
         recent = np.mean(recent_returns) if recent_returns else float("nan")
-        eta = time_left(now, step, self.args.total_timesteps, updates_begin_at, self.learning_since)
+        # the ETA from the steps since the last line, not from the start: collecting alone runs many times faster
+        seconds_left = (now - then) * (self.args.total_timesteps - step) / (step - then_step)
+        eta = f"ETA {timedelta(seconds=round(seconds_left))}"
+        if step <= updates_begin_at:
+            eta = f"updates from step {updates_begin_at:,}"
         print(f"step {step:>9}/{self.args.total_timesteps} | SPS {self.steps_per_second(step, now):5.0f} | "
               f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {self.last_eval:7.2f} | {eta}", flush=True)
 
@@ -1032,9 +1038,15 @@ class RunLog:
         self.writer.close()
         if self.tracking is not None:
             self.tracking.finish(exit_code=1 if diverged else 0)
+        os.close(self.lock)
 
 
 # ---- Training ----------------------------------------------------------------------------------------------
+def weights_not_finite(network: nn.Module, step: int) -> str:
+    """What went non-finite in the network's weights at `step`, if anything (as RunLog.update says of the loss)."""
+    if all(torch.isfinite(parameter).all() for parameter in network.parameters()):
+        return ""
+    return f"at step {step:,} the network's weights are not finite"
 
 
 def train(args: Args, argv: Optional[list[str]] = None) -> dict:
@@ -1103,7 +1115,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         torch_profiler.start()
     log.start_clock()
     PHASES.start(device)
-    profiled_from = log.start_step
+    profiled_from = global_step + 1  # the first step this process runs
     while global_step < args.total_timesteps:
         global_step += 1
         if global_step == updates_begin_at + 1:
@@ -1162,8 +1174,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             log.progress(global_step, epsilon, recent_returns, updates_begin_at)
             PHASES.lap("logging")
         if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
-            if not all(torch.isfinite(parameter).all() for parameter in q_network.parameters()):
-                diverged = f"at step {global_step:,} the network's weights are not finite"
+            diverged = weights_not_finite(q_network, global_step)
+            if diverged:
                 break  # a NaN between two loss reads: the last good checkpoint stays
             log.checkpoint(make_checkpoint(args, global_step, log, q_network, target_network, optimizer, game, obs,
                                            replay, action_rng, recent_returns, updates_begin_at, exploration_steps))
@@ -1193,6 +1205,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
                                   1000 * seconds / steps_run, global_step)
 
     if not (stop_signal or diverged):
+        diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
+    if not (stop_signal or diverged):
         final_returns = log.evaluate(evaluate, q_network, global_step)
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
               f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
@@ -1219,7 +1233,7 @@ def main() -> None:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         else:
             train(args, sys.argv[1:])
-    except (ConfigError, TrainingDiverged) as error:
+    except (ConfigError, TrainingDiverged, OSError) as error:  # OSError: a run's file on a full or read-only disk
         sys.exit(f"dqn_atari_profiled.py: error: {error}")
 
 

@@ -22,11 +22,14 @@ def load_weights(path: Path):
     """(env id, network) from a --save-model file; dqn_atari.ConfigError for anything else."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)  # no code in the file can run
+        dqn_atari.verified(saved, str(path), "state_dict")
         q_network = dqn_atari.QNetwork(saved["n_actions"])
         q_network.load_state_dict(saved["state_dict"])
         return saved["env_id"], q_network
     except FileNotFoundError:
         raise dqn_atari.ConfigError(f"no saved model at {path}") from None
+    except dqn_atari.ConfigError as error:  # a corrupt file, or weights that are not finite
+        raise dqn_atari.ConfigError(f"{path}: {error}") from None
     except Exception as error:  # unpickling, a missing key, other shapes: all mean "not a saved model"
         raise dqn_atari.ConfigError(f"{path} is not a model dqn_atari.py --save-model wrote "
                                     f"({type(error).__name__})") from None

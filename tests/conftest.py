@@ -24,6 +24,12 @@ def small_args(tmp_path, script=dqn_atari, **overrides):
     return script.Args(**settings)
 
 
+def rewrite(payload: dict, path, script=dqn_atari) -> str:
+    """Writes an edited checkpoint or model with a checksum of its new contents, as another version would."""
+    script.save_atomically({key: value for key, value in payload.items() if key != "checksum"}, str(path))
+    return str(path)
+
+
 def progress_lines(output: str) -> dict:
     """A run's progress lines by step, less the fields that depend on timing (SPS, ETA)."""
     lines = {}

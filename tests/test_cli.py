@@ -63,5 +63,5 @@ def test_progress_line_reports_step_sps_epsilon_return_and_eta(tmp_path):
     assert finished.returncode == 0, finished.stderr
     progress = [line for line in finished.stdout.splitlines() if line.startswith("step")]
     assert len(progress) == 2
-    for field in ("step      200/400", "SPS", "eps", "return(100)", "eval", "ETA"):
+    for field in ("step       200/400", "SPS", "eps", "return(100)", "eval", "ETA"):
         assert field in progress[0]

@@ -1,9 +1,12 @@
-"""What a loader trusts (no file we load may run code) and how a run fails: a diverging loss, a resume on other
-hardware, a resume without the replay, a game whose lives counter reaches 0 before it ends."""
+"""What a loader trusts (no file we load may run code, nor a corrupt one) and how a run fails: a full disk, two
+processes at once, a diverging loss, a resume on other hardware or without the replay, a game whose lives counter
+reaches 0 before it ends."""
 
 import os
 import pickle
 import re
+import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch
 import dqn
 import dqn_atari as atari
 from script_runner import assert_one_line_error, run_script
-from conftest import small_args
+from conftest import rewrite, small_args
 
 
 # ---- no file we load runs code ----
@@ -41,8 +44,8 @@ def crafted_checkpoints(real: dict, marker) -> dict:
     in_emulator_field = {**real, "game": {**real["game"], "ale": pickled}}
     older_format = {**in_emulator_field, "format": "dqn_atari checkpoint 1"}
     as_an_object = {**real, "args": CreatesAFile(marker)}  # torch.save pickles the object itself
-    return {"emulator bytes": (in_emulator_field, "the emulator state is a bytes, not the uint8 tensor"),
-            "older format": (older_format, f"of commit {atari.OLDER_FORMATS['dqn_atari checkpoint 1'][1]}"),
+    return {"emulator bytes": (in_emulator_field, "the emulator state (bytes) is not one ale-py can read"),
+            "older format": (older_format, "with dqn_atari.py of commit bcf01fb"),
             "object": (as_an_object, "is not a readable dqn_atari.py checkpoint (UnpicklingError)")}
 
 
@@ -85,8 +88,109 @@ def test_emulator_state_is_kept_as_ale_py_bytes_and_restores_the_game(tmp_path):
     game.load_state(saved)
     assert all(np.array_equal(game.step(1)[0], frames) for frames in later)
     for unreadable in (torch.zeros(64, dtype=torch.uint8), torch.full((100,), 255, dtype=torch.uint8)):
-        with pytest.raises(atari.ConfigError, match="not one ale-py can read"):  # refused when parsed or restored
+        with pytest.raises(atari.ConfigError, match="not one ale-py can (read|restore)"):
             game.load_state({**saved, "ale": unreadable})
+
+
+# ---- a corrupt file, a full disk ----
+
+
+def flip_a_byte_of(path: str, tensor: torch.Tensor) -> None:
+    """Flips one bit inside the stored bytes of `tensor`, as a bad disk or a torn copy would."""
+    data = bytearray(open(path, "rb").read())
+    at = data.find(tensor.numpy().tobytes()) + tensor.numel() * tensor.element_size() // 2
+    assert at > 0, "the tensor's bytes are stored as they are"
+    data[at] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_bit_in_weights_or_replay_or_non_finite_weights_are_refused_on_load(real_checkpoint, tmp_path):
+    for field, tensor in [("weights", real_checkpoint["q_network"]["network.7.weight"]),
+                          ("replay frames", real_checkpoint["replay"]["frames"][:60])]:
+        path = rewrite(real_checkpoint, tmp_path / f"{field}.pt")
+        atari.load_checkpoint(path)
+        flip_a_byte_of(path, tensor)
+        with pytest.raises(atari.ConfigError, match="do not match the checksum written with them: the file is corrupt"):
+            atari.load_checkpoint(path)
+    nan_weights = {**real_checkpoint, "q_network": {name: torch.full_like(weight, float("nan"))
+                                                    for name, weight in real_checkpoint["q_network"].items()}}
+    with pytest.raises(atari.ConfigError, match="its weights are not finite"):
+        atari.load_checkpoint(rewrite(nan_weights, tmp_path / "nan.pt"))
+    older = str(tmp_path / "older.pt")
+    torch.save({key: value for key, value in real_checkpoint.items() if key != "checksum"}, older)
+    assert atari.load_checkpoint(older)["global_step"] == real_checkpoint["global_step"]  # loads, with a warning
+
+
+def test_saved_models_that_are_corrupt_or_not_finite_are_refused_by_every_loader(tmp_path):
+    trained = run_script("dqn.py", "--total-timesteps", "600", "--learning-starts", "300", "--save-model",
+                         "--runs-dir", "runs", "--no-cuda", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    (model,) = (tmp_path / "runs").glob("*/dqn.pt")
+    flip_a_byte_of(str(model), torch.load(model, weights_only=True)["state_dict"]["network.2.weight"])
+    assert_one_line_error(run_script("dqn.py", "--eval-model", str(model), cwd=tmp_path), "the file is corrupt")
+    saved = atari.QNetwork(4)
+    with torch.no_grad():
+        saved.network[0].weight[0, 0, 0, 0] = float("inf")
+    path = rewrite({"state_dict": saved.state_dict(), "env_id": "BreakoutNoFrameskip-v4", "n_actions": 4},
+                   tmp_path / "inf.pt")
+    finished = run_script("benchmark/agent_gif.py", path, "--out", str(tmp_path / "agent.gif"), cwd=tmp_path)
+    assert finished.returncode != 0 and "Traceback" not in finished.stderr, finished.stderr
+    assert "its weights are not finite" in finished.stderr.splitlines()[-1]
+
+
+def test_a_checkpoint_write_that_fails_for_space_leaves_the_previous_checkpoint_and_no_temporary_file(
+        tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(payload, file):
+        saves.append(payload["global_step"])
+        if len(saves) == 2:
+            file.write(b"x" * 1000)  # part of it, as a disk that fills up mid-write
+            raise OSError(28, "No space left on device")
+        real_save(payload, file)
+
+    monkeypatch.setattr(atari.torch, "save", save_until_the_disk_is_full)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(atari.ConfigError, match=r"cannot write .*checkpoint.pt \(No space left on device\); the "
+                                                "file there before, if any, is as it was"):
+        atari.train(small_args(tmp_path, total_timesteps=300, checkpoint_every=100))
+    for sig, handler in handlers.items():  # the run ended by an exception, as main() ends it, not by returning
+        signal.signal(sig, handler)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "eval.csv"] + sorted(
+        name for name in os.listdir(run_dir) if name.startswith("events"))
+    monkeypatch.setattr(atari.torch, "save", real_save)
+    assert atari.load_checkpoint(str(run_dir / "checkpoint.pt"))["global_step"] == 100
+
+
+def test_a_malformed_eval_csv_row_is_refused_on_resume_in_one_line(tmp_path):
+    first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
+    with open(os.path.join(first["run_dir"], "eval.csv"), "a") as eval_csv:
+        eval_csv.write("a row edited by hand\n")
+    path = os.path.join(first["run_dir"], "checkpoint.pt")
+    resumed = run_script("dqn_atari.py", "--resume", path, "--total-timesteps", "40", cwd=tmp_path)
+    assert_one_line_error(resumed, "eval.csv has a row that does not start with a step", "dqn_atari.py")
+
+
+# ---- several processes at once ----
+
+
+def test_a_second_process_resuming_a_run_that_is_going_on_is_refused_in_one_line(tmp_path):
+    first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
+    path = os.path.join(first["run_dir"], "checkpoint.pt")
+    holder = atari.RunLog(*atari.read_resume(atari.Args(resume=path), ["--resume", path]))  # this one resumed it
+    second = run_script("dqn_atari.py", "--resume", path, "--total-timesteps", "40", cwd=tmp_path)
+    assert_one_line_error(second, f"another process is training in {first['run_dir']}", "dqn_atari.py")
+    holder.close("")
+    assert run_script("dqn_atari.py", "--resume", path, "--total-timesteps", "40", cwd=tmp_path).returncode == 0
+
+
+def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(atari.time, "time", lambda: 1_000_000.0)
+    args = small_args(tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: atari.make_run_dir(args), range(16)))
+    assert len(set(made)) == 16 and all(os.path.isdir(run_dir) for run_dir in made)
 
 
 # ---- a diverging run ----
@@ -122,6 +226,22 @@ def test_a_diverging_run_stops_and_leaves_its_last_good_checkpoint(tmp_path, mon
     kept = atari.load_checkpoint(checkpoint_path)
     assert kept["global_step"] == 100
     assert all(torch.isfinite(tensor).all() for tensor in kept["q_network"].values())
+
+
+def test_a_last_update_that_goes_non_finite_is_neither_evaluated_nor_saved(tmp_path, monkeypatch):
+    poison_weights_after(atari, calls=49, monkeypatch=monkeypatch)  # the last update, at step 296: no loss read after
+    with pytest.raises(atari.TrainingDiverged, match="at step 298 the network's weights are not finite; no checkpoint "
+                                                     "was written"):
+        atari.train(small_args(tmp_path, total_timesteps=298, save_model=True))
+    assert not list((tmp_path / "runs").glob("*/*.pt"))
+
+    poison_weights_after(dqn, calls=56, monkeypatch=monkeypatch)  # the last phase's last step, at 896: no loss read
+    args = dqn.Args(total_timesteps=900, learning_starts=500, train_frequency=64, gradient_steps=8, buffer_size=1000,
+                    hidden_sizes=(32,), eval_every=0, progress_every=0, runs_dir=str(tmp_path / "dqn"), cuda=False,
+                    save_model=True)
+    with pytest.raises(dqn.TrainingDiverged, match="at step 900 the network's weights are not finite; no model"):
+        dqn.train(args)
+    assert not list((tmp_path / "dqn").glob("*/*.pt"))
 
 
 def test_a_diverging_dqn_run_stops_in_one_line_and_saves_no_model(tmp_path):

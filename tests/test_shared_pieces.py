@@ -8,7 +8,7 @@ import pytest
 from script_runner import REPO
 
 SHARED = ["ConfigError", "TrainingDiverged", "linear_schedule", "epsilon_greedy", "make_run_dir", "seed_everything",
-          "start_tracking", "td_update"]
+          "start_tracking", "td_update", "weights_not_finite", "checksum", "save_atomically", "verified"]
 
 
 def top_level_definitions(script: str) -> dict:
