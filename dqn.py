@@ -643,6 +643,8 @@ def main() -> None:
         evaluate_saved(args) if args.eval_model else train(args)
     except (ConfigError, TrainingDiverged, OSError) as error:  # OSError: a run's file on a full or read-only disk
         sys.exit(f"dqn.py: error: {error}")
+    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is gone: nothing to save
+        sys.exit("dqn.py: interrupted outside the training loop, so no checkpoint was written")
 
 
 if __name__ == "__main__":

@@ -1235,6 +1235,8 @@ def main() -> None:
             train(args, sys.argv[1:])
     except (ConfigError, TrainingDiverged, OSError) as error:  # OSError: a run's file on a full or read-only disk
         sys.exit(f"dqn_atari_profiled.py: error: {error}")
+    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is gone: nothing to save
+        sys.exit("dqn_atari_profiled.py: interrupted outside the training loop, so no checkpoint was written")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -170,6 +171,19 @@ def test_a_malformed_eval_csv_row_is_refused_on_resume_in_one_line(tmp_path):
     path = os.path.join(first["run_dir"], "checkpoint.pt")
     resumed = run_script("dqn_atari.py", "--resume", path, "--total-timesteps", "40", cwd=tmp_path)
     assert_one_line_error(resumed, "eval.csv has a row that does not start with a step", "dqn_atari.py")
+
+
+@pytest.mark.parametrize("script, replay", [(atari, "FrameReplay"), (dqn, "ReplayBuffer")])
+def test_ctrl_c_during_start_up_ends_in_one_line(script, replay, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C while the replay is allocated, before the loop's handler is set
+
+    monkeypatch.setattr(script, replay, interrupted)
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--runs-dir", str(tmp_path / "runs"), "--no-cuda"])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code == (f"{script.__name__}.py: interrupted outside the training loop, so no checkpoint "
+                               "was written")
 
 
 # ---- several processes at once ----
