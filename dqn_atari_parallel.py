@@ -793,6 +793,7 @@ class GameWorkerFailed(RuntimeError):
 
 
 WORKER_ANSWER_TIMEOUT_S = 60.0  # a step takes milliseconds, and a worker's start (imports, the ROM) seconds
+WORKER_BYTES = 200 << 20  # a worker process's own memory: torch, gymnasium and the emulator (about 170 MB measured)
 
 
 class Games:
@@ -804,6 +805,10 @@ class Games:
 
     def __init__(self, n: int, env_id: str, seed: int, frame_skip: int, noop_max: int,
                  repeat_action_probability: Optional[float]):
+        available = available_memory_bytes()  # after the replay is made: what is left for the workers
+        if available is not None and (n - 1) * WORKER_BYTES > available:
+            raise ConfigError(f"--num-envs {n} starts {n - 1} worker processes of about {WORKER_BYTES / 1e9:.1f} GB "
+                              f"each, but only {available / 1e9:.2f} GB is available; pass a smaller --num-envs")
         settings = [(env_id, seed + k, frame_skip, noop_max, True, repeat_action_probability) for k in range(n)]
         self.local = AtariGame(*settings[0])
         self.n_actions, self.raw_shape = self.local.n_actions, self.local.raw.shape[1:]
@@ -1240,8 +1245,13 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
         print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
               "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
+    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
+    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
+          f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
     games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
-                  args.repeat_action_probability)
+                  args.repeat_action_probability)  # after the replay, whose memory its workers must leave
     preprocess = FramePreprocessor(games.raw_shape, device)
     evaluate = Evaluator(args, preprocess, args.seed + 10_000)
     q_network = QNetwork(games.n_actions).to(device)
@@ -1249,11 +1259,6 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     target_network.load_state_dict(q_network.state_dict())
     target_network.requires_grad_(False)
     optimizer = make_optimizer(args, q_network)
-    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
-    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
-    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
-          f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
     action_rng = np.random.default_rng(action_seed)
     recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
     global_step, updates_begin_at = 0, args.learning_starts  # updates run at the steps after updates_begin_at

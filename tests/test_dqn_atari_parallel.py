@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 CHANGED = {"Args", "check_args", "FrameReplay", "td_update", "make_checkpoint", "restore_checkpoint",
            "load_checkpoint", "read_resume", "train", "main"}
 ADDED = {"td_target", "td_gradients", "OverlappedUpdates", "Outcome", "step_game", "game_worker", "GameWorkerFailed",
-         "WORKER_ANSWER_TIMEOUT_S", "Games", "passes_multiple_of"}
+         "WORKER_ANSWER_TIMEOUT_S", "WORKER_BYTES", "Games", "passes_multiple_of"}
 OTHER_LINES = {"import torch.multiprocessing", "from concurrent.futures import Future, ThreadPoolExecutor",
                "from typing import Literal, NamedTuple, Optional", "from typing import Literal, Optional"
 }
@@ -106,6 +106,14 @@ def test_several_games_count_steps_updates_and_syncs_as_one_game_and_leave_no_wo
     assert transitions.tolist() == [100, 100, 100]
     assert not torch.multiprocessing.active_children()
     assert torch.get_num_threads() == threads_before, "the trainer's thread count is restored"
+
+
+def test_worker_processes_that_would_not_fit_in_memory_are_refused_before_any_starts(monkeypatch):
+    monkeypatch.setattr(parallel, "available_memory_bytes", lambda: 3 * 10**8)  # 0.3 GB left after the replay
+    parallel.Games(2, "BreakoutNoFrameskip-v4", 1, 4, 30, None).close()  # one worker of 0.2 GB fits
+    with pytest.raises(parallel.ConfigError, match=r"--num-envs 3 starts 2 worker processes of about 0.2 GB each, but "
+                                                   r"only 0.30 GB is available; pass a smaller --num-envs"):
+        parallel.Games(3, "BreakoutNoFrameskip-v4", 1, 4, 30, None)
 
 
 def test_a_worker_process_that_dies_is_reported_not_waited_for():
