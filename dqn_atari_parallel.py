@@ -896,6 +896,14 @@ OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn
                               "you trust the file, with dqn_atari.py of commit bcf01fb",
     "dqn_atari checkpoint 2": "laid out for the several-game dqn_atari.py; continue it with dqn_atari.py of commit "
                               "3d1869b"}
+# what the fields that every checkpoint has must hold: a file edited by hand, or from another version, is refused
+# naming the field rather than failing deep in a restore
+CHECKPOINT_FIELDS = {"args": (dict,), "global_step": (int,), "wall_seconds": (float,), "last_eval": (float,),
+                     "wandb_run_id": (str, type(None)), "updates_begin_at": (int,), "exploration_steps": (int,),
+                     "q_network": (dict,), "target_network": (dict,), "optimizer": (dict,), "obs": (torch.Tensor,),
+                     "replay": (dict, type(None)), "recent_returns": (list,), "action_rng": (dict,)}
+
+
 def emulator_state(saved) -> ale_py.ALEState:
     """An emulator state from the bytes AtariGame.state() keeps; anything else is refused."""
     if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1:
@@ -941,6 +949,9 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
         raise ConfigError(f"{args.resume} does not fit this network or optimizer "
                           f"({str(error).splitlines()[0]})") from None
     games.load_states(checkpoint["games"])
+    if checkpoint["obs"].shape != (args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE):
+        raise ConfigError(f"{args.resume}: its field 'obs' has the shape {tuple(checkpoint['obs'].shape)}, not "
+                          f"{(args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE)}")
     obs = checkpoint["obs"].to(device)
     updates_begin_at = checkpoint["updates_begin_at"]
     if checkpoint["replay"] is not None:
@@ -1023,6 +1034,10 @@ def load_checkpoint(path: str) -> dict:
             raise ConfigError(f"an older checkpoint ({OLDER_FORMATS[checkpoint['format']]})")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a checkpoint")
+        for field, kinds in CHECKPOINT_FIELDS.items():
+            if not isinstance(checkpoint.get(field), kinds):
+                raise ConfigError(f"its field {field!r} holds a {type(checkpoint.get(field)).__name__}, not the "
+                                  f"{' or '.join(kind.__name__ for kind in kinds)} a checkpoint holds there")
         for game in checkpoint["games"]:
             emulator_state(game["ale"])
         verified(checkpoint, path, "q_network")

@@ -122,6 +122,16 @@ def test_a_flipped_bit_in_weights_or_replay_or_non_finite_weights_are_refused_on
     assert atari.load_checkpoint(older)["global_step"] == real_checkpoint["global_step"]  # loads, with a warning
 
 
+def test_a_checkpoint_edited_by_hand_is_refused_in_one_line_naming_the_field(real_checkpoint, tmp_path):
+    for field, value, message in [
+            ("global_step", "120", "its field 'global_step' holds a str, not the int a checkpoint holds there"),
+            ("replay", [], "its field 'replay' holds a list, not the dict or NoneType a checkpoint holds there"),
+            ("obs", real_checkpoint["obs"][:, :2], "its field 'obs' has the shape (1, 2, 84, 84), not (1, 4, 84, 84)")]:
+        path = rewrite({**real_checkpoint, field: value}, tmp_path / f"{field}.pt")
+        with pytest.raises(atari.ConfigError, match=re.escape(message)):
+            atari.train(atari.Args(resume=path), ["--resume", path])
+
+
 def test_saved_models_that_are_corrupt_or_not_finite_are_refused_by_every_loader(tmp_path):
     trained = run_script("dqn.py", "--total-timesteps", "600", "--learning-starts", "300", "--save-model",
                          "--runs-dir", "runs", "--no-cuda", cwd=tmp_path)
