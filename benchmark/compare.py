@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from run import REPO, RunResult, command_line, file_stem, mean_and_se, output_folder, plot_groups, steps_range
+from run import RunResult, command_line, file_stem, mean_and_se, output_folder, plot_groups, steps_range
 
 
 def load_results(folder: Path, env_id: str, seeds=None, until_step=None) -> list:
