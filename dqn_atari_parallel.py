@@ -949,9 +949,10 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
         raise ConfigError(f"{args.resume} does not fit this network or optimizer "
                           f"({str(error).splitlines()[0]})") from None
     games.load_states(checkpoint["games"])
-    if checkpoint["obs"].shape != (args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE):
+    obs_shape = (args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE)
+    if checkpoint["obs"].shape != obs_shape:
         raise ConfigError(f"{args.resume}: its field 'obs' has the shape {tuple(checkpoint['obs'].shape)}, not "
-                          f"{(args.num_envs, STACK, FRAME_SIZE, FRAME_SIZE)}")
+                          f"{obs_shape}")
     obs = checkpoint["obs"].to(device)
     updates_begin_at = checkpoint["updates_begin_at"]
     if checkpoint["replay"] is not None:

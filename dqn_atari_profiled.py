@@ -776,9 +776,10 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
         raise ConfigError(f"{args.resume} does not fit this network or optimizer "
                           f"({str(error).splitlines()[0]})") from None
     game.load_state(checkpoint["game"])
-    if checkpoint["obs"].shape != (1, STACK, FRAME_SIZE, FRAME_SIZE):
+    obs_shape = (1, STACK, FRAME_SIZE, FRAME_SIZE)
+    if checkpoint["obs"].shape != obs_shape:
         raise ConfigError(f"{args.resume}: its field 'obs' has the shape {tuple(checkpoint['obs'].shape)}, not "
-                          f"{(1, STACK, FRAME_SIZE, FRAME_SIZE)}")
+                          f"{obs_shape}")
     obs = checkpoint["obs"].to(device)
     updates_begin_at = checkpoint["updates_begin_at"]
     if checkpoint["replay"] is not None:
