@@ -218,7 +218,7 @@ def open_storage(spec: str, heartbeat: int = 60):
                     return optuna.storages.RDBStorage(
                         spec, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-            except sqlalchemy.exc.IntegrityError:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # machines starting at once on an empty database race to make its tables: the loser finds them made
                 if attempt == 2:
                     raise

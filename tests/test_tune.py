@@ -209,8 +209,9 @@ def test_on_postgresql_a_worker_killed_mid_trial_has_its_trial_failed_and_run_ag
     survivor, doomed = machine(0), machine(1, start_new_session=True)
     deadline, killed = time.monotonic() + 120, []
     while not killed and time.monotonic() < deadline and doomed.poll() is None:
-        try:
-            killed = trials_of(doomed.pid, optuna.load_study(study_name="killed-worker", storage=postgres_url))
+        try:  # this poll joins the race to make the tables, so it opens the storage as the workers do
+            killed = trials_of(doomed.pid, optuna.load_study(study_name="killed-worker",
+                                                             storage=tune.open_storage(postgres_url)))
         except KeyError:  # the study is not made yet
             pass
         time.sleep(0.2)
