@@ -998,11 +998,6 @@ def save_atomically(payload: dict, path: str) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_path, path)
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself, made durable
-        finally:
-            os.close(directory)
     except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -1010,6 +1005,15 @@ def save_atomically(payload: dict, path: str) -> None:
             raise ConfigError(f"cannot write {path} ({error.strerror or error}); the file there before, if any, is "
                               "as it was") from None
         raise
+    try:  # the rename itself, made durable
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:  # the new file is in place: a warning, as some file systems cannot sync a directory
+        print(f"warning: {path} is written, but its directory could not be synced ({error.strerror or error}), so "
+              "a power loss could still undo the write", file=sys.stderr, flush=True)
 
 
 def verified(loaded: dict, path: str, weights: str) -> dict:

@@ -174,6 +174,24 @@ def test_a_checkpoint_write_that_fails_for_space_leaves_the_previous_checkpoint_
     assert atari.load_checkpoint(str(run_dir / "checkpoint.pt"))["global_step"] == 100
 
 
+@pytest.mark.parametrize("script", [atari, dqn])
+def test_a_directory_that_cannot_be_synced_keeps_the_new_file_and_warns(script, tmp_path, monkeypatch, capsys):
+    real_fsync = os.fsync
+
+    def fsync_files_only(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(22, "Invalid argument")  # as file systems that cannot sync a directory answer
+        real_fsync(fd)
+
+    monkeypatch.setattr(script.os, "fsync", fsync_files_only)
+    path = tmp_path / "model.pt"
+    script.save_atomically({"weights": torch.ones(3)}, str(path))
+    assert torch.load(path, weights_only=True)["weights"].tolist() == [1.0, 1.0, 1.0]
+    assert os.listdir(tmp_path) == ["model.pt"]
+    assert capsys.readouterr().err == (f"warning: {path} is written, but its directory could not be synced (Invalid "
+                                       "argument), so a power loss could still undo the write\n")
+
+
 def test_a_malformed_eval_csv_row_is_refused_on_resume_in_one_line(tmp_path):
     first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
     with open(os.path.join(first["run_dir"], "eval.csv"), "a") as eval_csv:
