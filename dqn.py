@@ -193,7 +193,7 @@ class ReplayBuffer:
     indexing into those arrays, then moved to the training device as whole tensors.
     """
 
-    def __init__(self, capacity: int, obs_dim: int, device: torch.device, seed: int):
+    def __init__(self, capacity: int, obs_dim: int, device: torch.device, seed):
         self.capacity = capacity
         self.device = device
         self.observations = np.zeros((capacity, obs_dim), dtype=np.float32)
@@ -291,7 +291,7 @@ class Evaluator:
         self.envs = [make_env(env_id) for _ in range(episodes)]
         self.epsilon, self.device = epsilon, device
         self.n_actions = int(self.envs[0].action_space.n)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])  # not the first copy's stream
         # Each copy is seeded once; later evaluations continue its stream and so see fresh episodes.
         self.reset_seeds = [seed + i for i in range(episodes)]
 
@@ -546,12 +546,14 @@ def train(args: Args) -> dict:
     target_network.requires_grad_(False)
     # fused: one kernel for all parameters instead of ~6 small ops per tensor
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
-    replay = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
+    # seeds of their own: generators seeded with the same number (the env's) draw the same numbers
+    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
+    replay = ReplayBuffer(args.buffer_size, obs_dim, device, replay_seed)
 
     def act(obs):  # the greedy action: argmax Q
         return q_network(obs).argmax(dim=1)
 
-    action_rng = np.random.default_rng(args.seed)
+    action_rng = np.random.default_rng(action_seed)
     log = RunLog(args)
 
     episode_returns, recent_returns = [], deque(maxlen=100)

@@ -246,6 +246,25 @@ def test_same_seed_same_run(tmp_path):
     assert first["run_dir"] != second["run_dir"], "a second run must not reuse the first run's directory"
 
 
+def test_each_random_stream_of_a_run_is_its_own(tmp_path, monkeypatch):
+    """Generators seeded with one number draw the same numbers: the replay's indices would follow the exploration
+    coin flips and the env's starts. Gymnasium seeds an env's generator as default_rng(seed) does."""
+    real_default_rng, starts = np.random.default_rng, []
+
+    def recorded(seed=None):
+        generator = real_default_rng(seed)
+        starts.append(generator.bit_generator.state["state"]["state"])
+        return generator
+
+    monkeypatch.setattr(dqn.np.random, "default_rng", recorded)
+    args = small_args(tmp_path, total_timesteps=600, eval_every=0, eval_episodes=2)
+    dqn.train(args)
+    envs = [real_default_rng(seed).bit_generator.state["state"]["state"]
+            for seed in (args.seed, args.seed + 10_000, args.seed + 10_001)]  # training env, evaluation's copies
+    assert len(starts) >= 3  # the replay's, the actions', the evaluation's
+    assert len(set(starts + envs)) == len(starts + envs)
+
+
 def test_run_writes_eval_curve_and_tensorboard_tags(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
