@@ -82,6 +82,9 @@ class Args:
     bf16: bool = False
     """the update's convolutions and 512-unit layer in bfloat16 (fast on GPUs and AVX-512 CPUs; on an AVX2 CPU
     many times slower, and the run warns); weights, Q-value head, targets, loss and acting stay float32"""
+    channels_last: bool = False
+    """keep the networks' weights in channels-last (NHWC) memory order, which oneDNN's convolutions run faster
+    (bfloat16 most of all); their sums then run in another order, so the numbers differ in the last bits"""
     cuda_graphs: bool = True
     """on CUDA, record the update and the greedy action once each as a CUDA graph and replay them (same numbers)"""
     replay_on_gpu: bool = False
@@ -1278,6 +1281,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     target_network = QNetwork(games.n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_network.requires_grad_(False)
+    if args.channels_last:  # the convolutions take their input in the weights' order
+        q_network.to(memory_format=torch.channels_last), target_network.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, q_network)
     action_rng = np.random.default_rng(action_seed)
     recent_returns = deque(maxlen=100)  # the progress line's last 100 training games

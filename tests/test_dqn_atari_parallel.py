@@ -231,12 +231,23 @@ def test_overlapped_updates_pass_on_an_error_in_the_targets_and_still_close():
 # ---- resume and signals, with several games and with the learner ----
 
 
-@pytest.mark.parametrize("num_envs, overlap_updates", [(2, False), (1, True)])
-def test_a_resumed_run_ends_identical(tmp_path, capsys, num_envs, overlap_updates):
+@pytest.mark.parametrize("num_envs, overlap_updates, channels_last", [(2, False, False), (1, True, False),
+                                                                     (1, False, True)])
+def test_a_resumed_run_ends_identical(tmp_path, capsys, num_envs, overlap_updates, channels_last):
     """With two games, the worker process's game is saved and restored as well; with --overlap-updates, the
     gradient in flight at the checkpoint (its batch is saved; target syncs every 50 steps fall between update
-    steps)."""
-    check_a_resumed_run_ends_identical(parallel, tmp_path, capsys, num_envs=num_envs, overlap_updates=overlap_updates)
+    steps); with --channels-last, weights and optimizer state saved and restored in that order."""
+    check_a_resumed_run_ends_identical(parallel, tmp_path, capsys, num_envs=num_envs, overlap_updates=overlap_updates,
+                                       channels_last=channels_last)
+
+
+def test_channels_last_keeps_every_convolution_weight_in_that_order(tmp_path):
+    run = parallel.train(small_args(tmp_path, parallel, total_timesteps=120, learning_starts=60, channels_last=True))
+    convolutions = [layer for layer in run["q_network"].network if isinstance(layer, torch.nn.Conv2d)]
+    assert len(convolutions) == 3
+    for layer in convolutions:
+        assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not layer.weight.is_contiguous()  # so the check above is not met by any 4-d tensor
 
 
 def test_ctrl_c_to_the_whole_group_writes_a_checkpoint_that_resumes(tmp_path):

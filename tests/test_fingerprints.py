@@ -31,6 +31,8 @@ ATARI_RUNS = {
     "breakout": (atari, dict(env_id="BreakoutNoFrameskip-v4")),
     "breakout-4-games": (parallel, dict(env_id="BreakoutNoFrameskip-v4", num_envs=4)),
     "breakout-bf16-overlap": (parallel, dict(env_id="BreakoutNoFrameskip-v4", bf16=True, overlap_updates=True)),
+    "breakout-bf16-overlap-channels-last": (parallel, dict(env_id="BreakoutNoFrameskip-v4", bf16=True,
+                                                           overlap_updates=True, channels_last=True)),
     "pong": (atari, dict(env_id="PongNoFrameskip-v4")),
 }
 
