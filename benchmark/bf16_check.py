@@ -1,9 +1,10 @@
-"""Does `--bf16` learn as float32 does, from the same point? From a dqn_atari.py checkpoint saved with its
-replay, trains on for `--updates` updates three ways for each seed, all starting from the checkpoint's
-networks and optimizer:
+"""Do `--bf16` and `--channels-last` learn as float32 does, from the same point? From a dqn_atari.py checkpoint
+saved with its replay, trains on for `--updates` updates four ways for each seed, all starting from the
+checkpoint's networks and optimizer:
 
 - float32;
 - bf16, on the same batches;
+- bf16 with the weights in channels-last order (dqn_atari_parallel.py --bf16 --channels-last), on the same batches;
 - float32 on other batches. This is the noise floor: how far two float32 runs drift apart on their own.
 
 Each network is then compared with that seed's float32 one. The report gives the share of `--states` replay
@@ -12,7 +13,7 @@ eval return on the same `--games` games (epsilon 0.05, as every evaluation).
 
     python benchmark/bf16_check.py runs/<run>/checkpoint.pt --updates 2000 --seeds 3 --out DIR
 
-If bf16 changed learning, its networks would drift from float32's further than the noise floor does. This
+If either changed learning, its networks would drift from float32's further than the noise floor does. This
 is not a learning curve from scratch. It checks the update itself, over thousands of steps, on a real agent's data.
 """
 
@@ -31,19 +32,23 @@ from run import REPO, command_line, git_commit, output_folder, provenance
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
 
-VARIANTS = {  # name: (bf16, batch stream offset)
-    "float32": (False, 0),
-    "bf16, same batches": (True, 0),
-    "float32, other batches": (False, 1000),
+VARIANTS = {  # name: (bf16, channels_last, batch stream offset)
+    "float32": (False, False, 0),
+    "bf16, same batches": (True, False, 0),
+    "bf16 channels_last, same batches": (True, True, 0),
+    "float32, other batches": (False, False, 1000),
 }
 
 
-def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, batch_seed: int, updates: int):
+def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, channels_last: bool, batch_seed: int,
+             updates: int):
     """The checkpoint's networks and optimizer, trained on for `updates` updates; returns (network, losses)."""
     online, target = dqn_atari.QNetwork(n_actions), dqn_atari.QNetwork(n_actions)
     online.load_state_dict(checkpoint["q_network"])
     target.load_state_dict(checkpoint["target_network"])
     target.requires_grad_(False)
+    if channels_last:  # as dqn_atari_parallel.py --channels-last, before its optimizer is made
+        online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
     optimizer = dqn_atari.make_optimizer(run_args, online)
     optimizer.load_state_dict(checkpoint["optimizer"])
     replay.rng = np.random.default_rng(batch_seed)  # the batches: the same stream for the same seed
@@ -94,9 +99,9 @@ def main(argv=None) -> None:
     rows = []
     for seed in range(1, args.seeds + 1):
         networks = {}
-        for name, (bf16, offset) in VARIANTS.items():
-            networks[name], losses = train_on(checkpoint, run_args, replay, n_actions, bf16, seed + offset,
-                                              args.updates)
+        for name, (bf16, channels_last, offset) in VARIANTS.items():
+            networks[name], losses = train_on(checkpoint, run_args, replay, n_actions, bf16, channels_last,
+                                              seed + offset, args.updates)
             rows.append({"seed": seed, "variant": name, "td_loss_last_quarter": float(np.mean(losses[-len(losses) // 4:]))})
         reference = greedy_actions(networks["float32"], states)
         for row in rows[-len(VARIANTS):]:
@@ -120,7 +125,7 @@ def main(argv=None) -> None:
     commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
     (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))
     (out / "summary.md").write_text(
-        f"# --bf16 against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
+        f"# --bf16 and --channels-last against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
         f"{args.updates} updates, {args.seeds} seeds\n\n{table}\n\n"
         + provenance(command, commit, f"; torch {torch.__version__}, {args.threads} thread(s)")
         + f"- greedy actions compared on {args.states} replay states; eval: {args.games} games at epsilon "

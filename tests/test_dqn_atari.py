@@ -409,8 +409,9 @@ def test_agent_gif_plays_one_whole_game_from_saved_weights(tmp_path, capsys):
     assert stop.value.code == 2 and "is not a model dqn_atari.py --save-model wrote" in capsys.readouterr().err
 
 
-def test_bf16_check_trains_three_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys):
-    """benchmark/bf16_check.py: float32, bf16 on the same batches and float32 on others, from one checkpoint."""
+def test_bf16_check_trains_four_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys):
+    """benchmark/bf16_check.py: float32, bf16 (plain and channels-last) on the same batches and float32 on others,
+    from one checkpoint."""
     sys.path.insert(0, str(REPO / "benchmark"))
     import bf16_check
 
@@ -422,7 +423,7 @@ def test_bf16_check_trains_three_ways_from_a_checkpoint_and_compares_with_float3
     assert [(row["seed"], row["variant"]) for row in rows] == [(s, v) for s in (1, 2) for v in bf16_check.VARIANTS]
     assert all(row["greedy_agreement_with_float32"] == 1.0 for row in rows if row["variant"] == "float32")
     losses = {row["variant"]: row["td_loss_last_quarter"] for row in rows if row["seed"] == 1}
-    assert len(set(losses.values())) == 3, "bf16 and the other batches must each change the updates"
+    assert len(set(losses.values())) == 4, "bf16, its channels-last order and the other batches each change them"
     assert "| bf16, same batches |" in (out / "summary.md").read_text()
 
     no_replay = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
