@@ -357,9 +357,11 @@ def save_atomically(payload: dict, path: str) -> None:
     except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        if isinstance(error, OSError):
-            raise ConfigError(f"cannot write {path} ({error.strerror or error}); the file there before, if any, is "
-                              "as it was") from None
+        # a full disk inside torch.save: its zip writer's RuntimeError, raised while handling the write's OSError
+        failed_write = error if isinstance(error, OSError) else error.__context__
+        if isinstance(failed_write, OSError):
+            raise ConfigError(f"cannot write {path} ({failed_write.strerror or failed_write}); the file there "
+                              "before, if any, is as it was") from None
         raise
     try:  # the rename itself, made durable
         directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)

@@ -827,9 +827,11 @@ def save_atomically(payload: dict, path: str) -> None:
     except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        if isinstance(error, OSError):
-            raise ConfigError(f"cannot write {path} ({error.strerror or error}); the file there before, if any, is "
-                              "as it was") from None
+        # a full disk inside torch.save: its zip writer's RuntimeError, raised while handling the write's OSError
+        failed_write = error if isinstance(error, OSError) else error.__context__
+        if isinstance(failed_write, OSError):
+            raise ConfigError(f"cannot write {path} ({failed_write.strerror or failed_write}); the file there "
+                              "before, if any, is as it was") from None
         raise
     try:  # the rename itself, made durable
         directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -964,11 +966,6 @@ class RunLog:
                               "before resuming") from None
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.last_checkpoint_step = checkpoint["global_step"] if checkpoint else None
-        self.tracking = start_tracking(args, self.run_dir, start["wandb_run_id"]) if args.track else None
-        self.writer = SummaryWriter(self.run_dir, purge_step=start["global_step"] + 1 if checkpoint else None)
-        if checkpoint is None:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                                 "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
         eval_path, rows = os.path.join(self.run_dir, "eval.csv"), [["step", "eval_mean", "eval_std", "episodes",
                                                                     "wall_seconds"]]
         if checkpoint and os.path.exists(eval_path):  # a resumed run drops the rows past its checkpoint
@@ -978,11 +975,20 @@ class RunLog:
                 except ValueError:
                     raise ConfigError(f"{eval_path} has a row that does not start with a step; mend or delete the "
                                       "row to resume") from None
-        with open(eval_path + ".tmp", "w", newline="") as new:
-            csv.writer(new).writerows(rows)
-        os.replace(eval_path + ".tmp", eval_path)
+        try:  # first of the run's files: a directory we cannot write in stops the run here, in one line
+            with open(eval_path + ".tmp", "w", newline="") as new:
+                csv.writer(new).writerows(rows)
+            os.replace(eval_path + ".tmp", eval_path)
+        except OSError as error:
+            raise ConfigError(f"cannot write in the run directory {self.run_dir} ({error.strerror}); a run needs a "
+                              "writable disk with space (to resume from a read-only one, copy it elsewhere)") from None
         self.eval_file = open(eval_path, "a", newline="")
         self.eval_csv = csv.writer(self.eval_file)
+        self.tracking = start_tracking(args, self.run_dir, start["wandb_run_id"]) if args.track else None
+        self.writer = SummaryWriter(self.run_dir, purge_step=start["global_step"] + 1 if checkpoint else None)
+        if checkpoint is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                                 "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
         self.wall_before, self.start_step = start["wall_seconds"], start["global_step"]
         self.last_eval = start["last_eval"]
 

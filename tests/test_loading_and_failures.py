@@ -6,8 +6,10 @@ import os
 import pickle
 import re
 import signal
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +192,51 @@ def test_a_directory_that_cannot_be_synced_keeps_the_new_file_and_warns(script, 
     assert os.listdir(tmp_path) == ["model.pt"]
     assert capsys.readouterr().err == (f"warning: {path} is written, but its directory could not be synced (Invalid "
                                        "argument), so a power loss could still undo the write\n")
+
+
+@pytest.fixture
+def own_disk(tmp_path):
+    """Makes a file system of the test's own, a tmpfs of the size asked (root's mount rights needed); unmounted after."""
+    mounted = []
+
+    def mount(megabytes: int) -> Path:
+        mount_point = tmp_path / f"disk{len(mounted)}"
+        mount_point.mkdir()
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mount_point)],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"a real full or read-only disk needs the right to mount one: {made.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def test_a_disk_that_fills_at_a_checkpoint_ends_in_one_line_and_leaves_no_temporary_file(own_disk, tmp_path):
+    disk = own_disk(4)  # a checkpoint holds two networks and Adam's moments: 27 MB
+    finished = run_script("dqn_atari.py", "--total-timesteps", "40", "--learning-starts", "20", "--buffer-size", "600",
+                          "--eval-episodes", "1", "--checkpoint-every", "40", "--runs-dir", str(disk), "--no-cuda",
+                          cwd=tmp_path)
+    assert_one_line_error(finished, "checkpoint.pt (No space left on device); the file there before, if any, is as "
+                                    "it was", "dqn_atari.py")
+    (run_dir,) = disk.iterdir()
+    assert not [name for name in os.listdir(run_dir) if name.startswith("checkpoint")]
+
+
+def test_a_run_on_a_read_only_disk_ends_in_one_line(own_disk, tmp_path):
+    disk = own_disk(64)
+    first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30, runs_dir=str(disk)))
+    path = os.path.join(first["run_dir"], "checkpoint.pt")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    resumed = run_script("dqn_atari.py", "--resume", path, "--total-timesteps", "40", cwd=tmp_path)
+    assert_one_line_error(resumed, f"cannot write in the run directory {first['run_dir']} (Read-only file system)",
+                          "dqn_atari.py")
+    fresh = run_script("dqn_atari.py", "--total-timesteps", "40", "--buffer-size", "600", "--runs-dir", str(disk),
+                       cwd=tmp_path)
+    assert_one_line_error(fresh, "(Read-only file system); pass a writable --runs-dir", "dqn_atari.py")
+    assert atari.load_checkpoint(path)["global_step"] == 30
 
 
 def test_a_malformed_eval_csv_row_is_refused_on_resume_in_one_line(tmp_path):
