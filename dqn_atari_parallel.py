@@ -1288,7 +1288,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     target_network.load_state_dict(q_network.state_dict())
     target_network.requires_grad_(False)
     if args.channels_last:  # the convolutions take their input in the weights' order
-        q_network.to(memory_format=torch.channels_last), target_network.to(memory_format=torch.channels_last)
+        for network in (q_network, target_network):
+            network.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, q_network)
     action_rng = np.random.default_rng(action_seed)
     recent_returns = deque(maxlen=100)  # the progress line's last 100 training games

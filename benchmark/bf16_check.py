@@ -48,7 +48,8 @@ def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, cha
     target.load_state_dict(checkpoint["target_network"])
     target.requires_grad_(False)
     if channels_last:  # as dqn_atari_parallel.py --channels-last, before its optimizer is made
-        online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+        for network in (online, target):
+            network.to(memory_format=torch.channels_last)
     optimizer = dqn_atari.make_optimizer(run_args, online)
     optimizer.load_state_dict(checkpoint["optimizer"])
     replay.rng = np.random.default_rng(batch_seed)  # the batches: the same stream for the same seed
