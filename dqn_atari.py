@@ -873,6 +873,8 @@ class RunLog:
                 csv.writer(new).writerows(rows)
             os.replace(eval_path + ".tmp", eval_path)
         except OSError as error:
+            if os.path.exists(eval_path + ".tmp"):  # a disk that filled mid-write: free it, keep eval.csv as it was
+                os.remove(eval_path + ".tmp")
             raise ConfigError(f"cannot write in the run directory {self.run_dir} ({error.strerror}); a run needs a "
                               "writable disk with space (to resume from a read-only one, copy it elsewhere)") from None
         self.eval_file = open(eval_path, "a", newline="")

@@ -239,6 +239,26 @@ def test_a_run_on_a_read_only_disk_ends_in_one_line(own_disk, tmp_path):
     assert atari.load_checkpoint(path)["global_step"] == 30
 
 
+def test_a_resume_on_a_full_disk_ends_in_one_line_and_leaves_eval_csv_as_it_was(own_disk, tmp_path):
+    disk = own_disk(64)
+    first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30, runs_dir=str(disk)))
+    eval_csv = Path(first["run_dir"]) / "eval.csv"
+    before = eval_csv.read_text()
+    with open(disk / "filler", "wb", buffering=0) as filler:  # every page of the disk taken, down to the last one
+        for chunk in (1 << 20, 4096):
+            try:
+                while True:
+                    filler.write(bytes(chunk))
+            except OSError:
+                pass
+    resumed = run_script("dqn_atari.py", "--resume", os.path.join(first["run_dir"], "checkpoint.pt"),
+                         "--total-timesteps", "40", cwd=tmp_path)
+    assert_one_line_error(resumed, f"cannot write in the run directory {first['run_dir']} (No space left on device)",
+                          "dqn_atari.py")
+    assert not (eval_csv.parent / "eval.csv.tmp").exists()
+    assert eval_csv.read_text() == before
+
+
 def test_a_malformed_eval_csv_row_is_refused_on_resume_in_one_line(tmp_path):
     first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
     with open(os.path.join(first["run_dir"], "eval.csv"), "a") as eval_csv:
