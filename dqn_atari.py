@@ -16,9 +16,9 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args, get_origin
 
 import ale_py
 import gymnasium as gym
@@ -406,9 +406,6 @@ class FrameReplay:
                 "rng": self.rng.bit_generator.state}
 
     def load_state(self, state: dict) -> None:
-        if state["frames"].shape != self.frames.shape:
-            raise ConfigError(f"the checkpoint's replay holds {state['frames'].shape[0]:,} frames, "
-                              f"not --buffer-size {self.capacity:,}")
         self.frames.copy_(state["frames"])
         for name in self.ARRAYS:
             getattr(self, name)[:] = state[name].numpy()
@@ -624,6 +621,41 @@ CHECKPOINT_FIELDS = {"args": (dict,), "global_step": (int,), "wall_seconds": (fl
                      "replay": (dict, type(None)), "recent_returns": (list,), "action_rng": (dict,)}
 
 
+def check_as_written(loaded, written, field: str) -> None:
+    """Refuses, naming the field, a loaded piece whose keys, types or tensor shapes differ from what this version
+    writes in its place (another version's file, or one edited by hand), before any of it is restored."""
+    if isinstance(written, dict) and isinstance(loaded, dict):
+        missing, unknown = written.keys() - loaded.keys(), loaded.keys() - written.keys()
+        if missing or unknown:
+            raise ConfigError(f"its field {field!r} " + (f"lacks {sorted(map(str, missing))}" if missing else
+                                                         f"has {sorted(map(str, unknown))}, which this version lacks"))
+        for key in written:
+            check_as_written(loaded[key], written[key], f"{field}.{key}")
+    elif isinstance(written, list) and isinstance(loaded, list):
+        if len(loaded) != len(written):
+            raise ConfigError(f"its field {field!r} holds {len(loaded)} entries, not {len(written)}")
+        for index, (loaded_item, written_item) in enumerate(zip(loaded, written)):
+            check_as_written(loaded_item, written_item, f"{field}.{index}")
+    elif isinstance(written, torch.Tensor) and isinstance(loaded, torch.Tensor):
+        if loaded.dtype != written.dtype:
+            raise ConfigError(f"its field {field!r} holds {loaded.dtype} values, not {written.dtype}")
+        # the emulator's bytes vary in length from state to state; emulator_state() reads them
+        if loaded.shape != written.shape and not field.endswith(".ale"):
+            raise ConfigError(f"its field {field!r} has the shape {tuple(loaded.shape)}, not {tuple(written.shape)}")
+    elif type(loaded) is not type(written) or (isinstance(written, str) and loaded != written):
+        raise ConfigError(f"its field {field!r} holds {loaded!r:.40}, where this version writes a value of the type "
+                          f"{type(written).__name__}{f' ({written!r})' if isinstance(written, str) else ''}")
+
+
+def takes(value, annotation) -> bool:
+    """Whether a flag of the type `annotation` (int, Optional[float], a Literal...) can hold `value`."""
+    if get_origin(annotation) is Literal:
+        return value in get_args(annotation)
+    if get_origin(annotation) is Union:
+        return any(takes(value, option) for option in get_args(annotation))
+    return type(value) is annotation or (annotation is float and type(value) is int)
+
+
 def emulator_state(saved) -> ale_py.ALEState:
     """An emulator state from the bytes AtariGame.state() keeps; anything else is refused."""
     if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1:
@@ -660,7 +692,17 @@ def make_checkpoint(args: Args, global_step: int, log, q_network, target_network
 
 def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, optimizer, game: AtariGame,
                        replay: FrameReplay, action_rng, recent_returns: deque, device: torch.device):
-    """Puts make_checkpoint's pieces back; returns (global_step, obs, updates_begin_at, exploration_steps)."""
+    """Puts make_checkpoint's pieces back, each checked first against what this version writes in its place;
+    returns (global_step, obs, updates_begin_at, exploration_steps)."""
+    try:
+        check_as_written(checkpoint["game"], game.state(), "game")
+        check_as_written(checkpoint["obs"], torch.zeros((1, STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8), "obs")
+        if checkpoint["replay"] is not None:
+            check_as_written(checkpoint["replay"], replay.state(), "replay")
+        check_as_written(checkpoint["recent_returns"], [0.0] * len(checkpoint["recent_returns"]), "recent_returns")
+        check_as_written(checkpoint["action_rng"], action_rng.bit_generator.state, "action_rng")
+    except ConfigError as error:
+        raise ConfigError(f"{args.resume}: {error}") from None
     try:
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
@@ -669,10 +711,6 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
         raise ConfigError(f"{args.resume} does not fit this network or optimizer "
                           f"({str(error).splitlines()[0]})") from None
     game.load_state(checkpoint["game"])
-    obs_shape = (1, STACK, FRAME_SIZE, FRAME_SIZE)
-    if checkpoint["obs"].shape != obs_shape:
-        raise ConfigError(f"{args.resume}: its field 'obs' has the shape {tuple(checkpoint['obs'].shape)}, not "
-                          f"{obs_shape}")
     obs = checkpoint["obs"].to(device)
     updates_begin_at = checkpoint["updates_begin_at"]
     if checkpoint["replay"] is not None:
@@ -787,6 +825,10 @@ def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
     except TypeError as error:  # a flag this version does not have
         raise ConfigError(f"{args.resume} holds a flag this version lacks ({error}); continue it with the "
                           "dqn_atari.py that wrote it") from None
+    for flag in fields(Args):
+        if not takes(getattr(saved, flag.name), flag.type):
+            raise ConfigError(f"{args.resume}: its flag --{flag.name.replace('_', '-')} holds "
+                              f"{getattr(saved, flag.name)!r}, which this version's flag does not take")
     resumed = tyro.cli(Args, args=argv, default=saved)  # this command line over the checkpoint's flags
     for name, value in vars(resumed).items():
         if name not in RESUMABLE and value != getattr(saved, name):

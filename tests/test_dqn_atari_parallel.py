@@ -26,8 +26,8 @@ CHANGED = {"Args", "check_args", "FrameReplay", "td_update", "make_checkpoint", 
 ADDED = {"td_target", "td_gradients", "OverlappedUpdates", "Outcome", "step_game", "game_worker", "GameWorkerFailed",
          "WORKER_ANSWER_TIMEOUT_S", "WORKER_BYTES", "Games", "passes_multiple_of"}
 OTHER_LINES = {"import torch.multiprocessing", "from concurrent.futures import Future, ThreadPoolExecutor",
-               "from typing import Literal, NamedTuple, Optional", "from typing import Literal, Optional"
-}
+               "from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin",
+               "from typing import Literal, Optional, Union, get_args, get_origin"}
 
 
 def module_parts(script: str) -> tuple[dict, set]:

@@ -128,7 +128,25 @@ def test_a_checkpoint_edited_by_hand_is_refused_in_one_line_naming_the_field(rea
     for field, value, message in [
             ("global_step", "120", "its field 'global_step' holds a str, not the int a checkpoint holds there"),
             ("replay", [], "its field 'replay' holds a list, not the dict or NoneType a checkpoint holds there"),
-            ("obs", real_checkpoint["obs"][:, :2], "its field 'obs' has the shape (1, 2, 84, 84), not (1, 4, 84, 84)")]:
+            ("obs", real_checkpoint["obs"][:, :2], "its field 'obs' has the shape (1, 2, 84, 84), not (1, 4, 84, 84)"),
+            # inside the pieces: each would have failed deep in a restore, or later in training, or not at all
+            ("replay", {**real_checkpoint["replay"], "actions": real_checkpoint["replay"]["actions"][:1]},
+             "its field 'replay.actions' has the shape (1,), not (600,)"),  # numpy would have broadcast it
+            ("replay", {**real_checkpoint["replay"], "position": "7"},
+             "its field 'replay.position' holds '7', where this version writes a value of the type int"),
+            ("game", {key: value for key, value in real_checkpoint["game"].items() if key != "lives"},
+             "its field 'game' lacks ['lives']"),
+            ("game", {**real_checkpoint["game"], "raw": real_checkpoint["game"]["raw"].float()},
+             "its field 'game.raw' holds torch.float32 values, not torch.uint8"),
+            ("recent_returns", ["12"], "its field 'recent_returns.0' holds '12', where this version writes a value "
+                                       "of the type float"),
+            ("action_rng", {**real_checkpoint["action_rng"], "bit_generator": "MT19937"},
+             "its field 'action_rng.bit_generator' holds 'MT19937', where this version writes a value of the type "
+             "str ('PCG64')"),
+            ("args", {**real_checkpoint["args"], "learning_starts": "20"},
+             "its flag --learning-starts holds '20', which this version's flag does not take"),
+            ("args", {**real_checkpoint["args"], "optimizer": "sgd"},
+             "its flag --optimizer holds 'sgd', which this version's flag does not take")]:
         path = rewrite({**real_checkpoint, field: value}, tmp_path / f"{field}.pt")
         with pytest.raises(atari.ConfigError, match=re.escape(message)):
             atari.train(atari.Args(resume=path), ["--resume", path])
