@@ -169,6 +169,11 @@ def check_args(args: Args) -> None:
             import wandb  # noqa: F401 (here only to stop at once when it is missing)
         except ImportError:
             raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
+    if args.capture_video:
+        try:
+            import PIL  # noqa: F401 (here, not at the first evaluation hours later)
+        except ImportError:
+            raise ConfigError("--capture-video writes GIFs with pillow, not installed: pip install pillow") from None
 
 
 # ---- Profiling harness -------------------------------------------------------------------------------------
@@ -646,10 +651,7 @@ class Evaluator:
 
 
 def write_gif(path: str, frames: list) -> None:
-    try:
-        from PIL import Image  # only --capture-video needs it
-    except ImportError:
-        raise ConfigError("--capture-video writes a GIF with pillow: pip install pillow") from None
+    from PIL import Image  # only --capture-video needs it (check_args has seen it is installed)
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 15, loop=0)
 

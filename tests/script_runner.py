@@ -15,6 +15,13 @@ def run_script(script: str, *args, cwd, timeout=300, interpreter_args=(), **pope
                           text=True, cwd=cwd, timeout=timeout, **popen_kwargs)
 
 
+def as_if_not_installed(module: str) -> tuple:
+    """interpreter_args for run_script that run the script with `module` unimportable, as if it were not installed
+    (sys.modules[name] = None is how Python is told so)."""
+    return ("-c", f"import runpy, sys; sys.modules[{module!r}] = None; sys.argv = sys.argv[1:]; "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def assert_one_line_error(finished, fragment, script="dqn.py"):
     """Bad input: a non-zero exit and exactly one line, `<script>: error: ...`, never a traceback."""
     assert finished.returncode != 0

@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector
 import dqn_atari as atari
 from conftest import (rewrite, check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, frame_with_id, small_args)
-from script_runner import REPO, assert_one_line_error, run_script
+from script_runner import REPO, as_if_not_installed, assert_one_line_error, run_script
 
 CPU = torch.device("cpu")
 NOOP = 0
@@ -489,6 +489,14 @@ def test_gpu_runs_keep_frames_and_batches_on_the_gpu_and_the_replay_pinned(tmp_p
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, fragment):
     assert_one_line_error(run_script("dqn_atari.py", *args, cwd=tmp_path), fragment, script="dqn_atari.py")
+
+
+@pytest.mark.parametrize("script", ["dqn_atari.py", "dqn_atari_profiled.py", "dqn_atari_parallel.py"])
+def test_capture_video_without_pillow_stops_at_once_not_at_the_first_evaluation(tmp_path, script):
+    finished = run_script(script, "--capture-video", "--buffer-size", "1000", "--runs-dir", "runs", cwd=tmp_path,
+                          interpreter_args=as_if_not_installed("PIL"))
+    assert_one_line_error(finished, "--capture-video writes GIFs with pillow, not installed: pip install pillow", script)
+    assert not (tmp_path / "runs").exists()  # nothing started
 
 
 def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path):

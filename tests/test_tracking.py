@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from script_runner import REPO, assert_one_line_error, run_script
+from script_runner import REPO, as_if_not_installed, assert_one_line_error, run_script
 
 pytest.importorskip("wandb", reason="--track's tests need wandb (requirements-dev.txt installs it)")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -107,11 +107,8 @@ def test_atari_track_logs_the_eval_gif_and_a_resume_goes_on_in_the_same_run(tmp_
 @pytest.mark.parametrize("script, short_run", [("dqn.py", CARTPOLE), ("dqn_atari.py", ATARI),
                                                ("dqn_atari_profiled.py", ATARI)])
 def test_track_without_wandb_or_without_an_account_stops_at_once_in_one_line(tmp_path, script, short_run):
-    # sys.modules[name] = None is how Python is told a module cannot be imported: wandb as if not installed
-    without_wandb = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = sys.argv[1:]; "
-                     "runpy.run_path(sys.argv[0], run_name='__main__')")
     finished = run_script(script, *short_run, "--track", cwd=tmp_path, env=offline_env(tmp_path),
-                          interpreter_args=("-c", without_wandb))
+                          interpreter_args=as_if_not_installed("wandb"))
     assert_one_line_error(finished, "--track logs to Weights & Biases, which is not installed: pip install wandb",
                           script)
     assert not (tmp_path / "runs").exists()  # nothing started
