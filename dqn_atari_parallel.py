@@ -467,17 +467,21 @@ class FrameReplay:
     def sample(self, batch_size: int):
         return self.batch(self.sample_indices(batch_size))
 
-    ARRAYS = ("actions", "rewards", "terminated", "history", "starts_transition", "positions", "sizes",
-              "episode_steps")
-
     def state(self) -> dict:
-        return {"frames": self.frames, **{name: torch.from_numpy(getattr(self, name).copy()) for name in self.ARRAYS},
-                "rng": self.rng.bit_generator.state}
+        return {"frames": self.frames, "actions": torch.from_numpy(self.actions.copy()),
+                "rewards": torch.from_numpy(self.rewards.copy()), "history": torch.from_numpy(self.history.copy()),
+                "terminated": torch.from_numpy(self.terminated.copy()),
+                "starts_transition": torch.from_numpy(self.starts_transition.copy()),
+                "positions": torch.from_numpy(self.positions.copy()), "sizes": torch.from_numpy(self.sizes.copy()),
+                "episode_steps": torch.from_numpy(self.episode_steps.copy()), "rng": self.rng.bit_generator.state}
 
     def load_state(self, state: dict) -> None:
         self.frames.copy_(state["frames"])
-        for name in self.ARRAYS:
-            getattr(self, name)[:] = state[name].numpy()
+        self.actions[:], self.rewards[:] = state["actions"].numpy(), state["rewards"].numpy()
+        self.terminated[:], self.history[:] = state["terminated"].numpy(), state["history"].numpy()
+        self.starts_transition[:] = state["starts_transition"].numpy()
+        self.positions[:], self.sizes[:] = state["positions"].numpy(), state["sizes"].numpy()
+        self.episode_steps[:] = state["episode_steps"].numpy()
         self.rng.bit_generator.state = state["rng"]
 
 

@@ -505,17 +505,19 @@ class FrameReplay:
     def sample(self, batch_size: int):
         return self.batch(self.sample_indices(batch_size))
 
-    ARRAYS = ("actions", "rewards", "terminated", "history", "starts_transition")
-
     def state(self) -> dict:
-        return {"frames": self.frames, **{name: torch.from_numpy(getattr(self, name).copy()) for name in self.ARRAYS},
+        return {"frames": self.frames, "actions": torch.from_numpy(self.actions.copy()),
+                "rewards": torch.from_numpy(self.rewards.copy()), "history": torch.from_numpy(self.history.copy()),
+                "terminated": torch.from_numpy(self.terminated.copy()),
+                "starts_transition": torch.from_numpy(self.starts_transition.copy()),
                 "position": self.position, "size": self.size, "episode_steps": self.episode_steps,
                 "rng": self.rng.bit_generator.state}
 
     def load_state(self, state: dict) -> None:
         self.frames.copy_(state["frames"])
-        for name in self.ARRAYS:
-            getattr(self, name)[:] = state[name].numpy()
+        self.actions[:], self.rewards[:] = state["actions"].numpy(), state["rewards"].numpy()
+        self.terminated[:], self.history[:] = state["terminated"].numpy(), state["history"].numpy()
+        self.starts_transition[:] = state["starts_transition"].numpy()
         self.position, self.size, self.episode_steps = state["position"], state["size"], state["episode_steps"]
         self.rng.bit_generator.state = state["rng"]
 
