@@ -10,11 +10,11 @@ import dqn_atari
 
 args = dqn_atari.Args(env_id="FreewayNoFrameskip-v4", eval_episodes=10, seed=int(sys.argv[1]))
 evaluate = dqn_atari.Evaluator(args, dqn_atari.FramePreprocessor((210, 160), torch.device("cpu")), args.seed + 10_000)
-up = dqn_atari.AtariGame(args.env_id, 0).env.unwrapped.get_action_meanings().index("UP")
+meanings = evaluate.games[0].env.unwrapped.get_action_meanings()
 
 
 def always_up(obs: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.full((len(obs),), up), 3).float()
+    return torch.nn.functional.one_hot(torch.full((len(obs),), meanings.index("UP")), len(meanings)).float()
 
 
 writer = csv.writer(sys.stdout)
