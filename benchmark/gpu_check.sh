@@ -16,11 +16,16 @@ if [ "${1:-}" = "--prepare" ]; then
             --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
             --platform manylinux2014_x86_64 -d ".whl/$1" "${@:2}"
     }
-    # what the machine's image lacks (torch, numpy, tensorboard, opencv and pytest are there); CleanRL keeps its pins
-    download ours gymnasium==1.4.0 farama-notifications==0.0.6 ale-py==0.12.1 tyro==1.0.17 docstring-parser==0.18.0 \
-        typeguard==4.6.1
-    download cleanrl gymnasium==0.29.1 farama-notifications==0.0.6 ale-py==0.9.0 numpy==1.26.4 tyro==1.0.17 \
-        docstring-parser==0.18.0 typeguard==4.6.1
+    versions() {  # name==version of each package after $1, as the environment of the python $1 holds it
+        "$1" -c 'import sys, importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' "${@:2}"
+    }
+    cleanrl_python=benchmark/.cleanrl-venv/bin/python
+    [ -x "$cleanrl_python" ] || { echo "no $cleanrl_python: run python benchmark/speed.py --setup-cleanrl" >&2; exit 1; }
+    # what the machine's image lacks (torch, numpy, tensorboard, opencv and pytest are there), at the versions of
+    # the environments the CPU results ran in: ours, and speed.py's for CleanRL (which needs numpy 1)
+    needs="gymnasium ale-py tyro farama-notifications docstring-parser typeguard"
+    download ours $(versions python3 $needs)
+    download cleanrl $(versions "$cleanrl_python" $needs numpy)
     mkdir -p .cleanrl/cleanrl .cleanrl/cleanrl_utils
     cp "$checkout/cleanrl/dqn_atari.py" .cleanrl/cleanrl/
     cp "$checkout"/cleanrl_utils/{__init__,atari_wrappers,buffers}.py .cleanrl/cleanrl_utils/
