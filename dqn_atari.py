@@ -643,8 +643,7 @@ def check_as_written(loaded, written, field: str) -> None:
     elif isinstance(written, torch.Tensor) and isinstance(loaded, torch.Tensor):
         if loaded.dtype != written.dtype:
             raise ConfigError(f"its field {field!r} holds {loaded.dtype} values, not {written.dtype}")
-        # the emulator's bytes vary in length from state to state; emulator_state() reads them
-        if loaded.shape != written.shape and not field.endswith(".ale"):
+        if loaded.shape != written.shape:
             raise ConfigError(f"its field {field!r} has the shape {tuple(loaded.shape)}, not {tuple(written.shape)}")
     elif type(loaded) is not type(written) or (isinstance(written, str) and loaded != written):
         raise ConfigError(f"its field {field!r} holds {loaded!r:.40}, where this version writes a value of the type "
@@ -699,7 +698,8 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
     """Puts make_checkpoint's pieces back, each checked first against what this version writes in its place;
     returns (global_step, obs, updates_begin_at, exploration_steps)."""
     try:
-        check_as_written(checkpoint["game"], game.state(), "game")
+        # the emulator's bytes vary in length from state to state: load_checkpoint has read them already
+        check_as_written(checkpoint["game"], {**game.state(), "ale": checkpoint["game"]["ale"]}, "game")
         check_as_written(checkpoint["obs"], torch.zeros((1, STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8), "obs")
         if checkpoint["replay"] is not None:
             check_as_written(checkpoint["replay"], replay.state(), "replay")
@@ -804,8 +804,8 @@ def load_checkpoint(path: str) -> dict:
             raise ValueError("not a checkpoint")
         for field, kinds in CHECKPOINT_FIELDS.items():
             if not isinstance(checkpoint.get(field), kinds):
-                raise ConfigError(f"its field {field!r} holds a {type(checkpoint.get(field)).__name__}, not the "
-                                  f"{' or '.join(kind.__name__ for kind in kinds)} a checkpoint holds there")
+                raise ConfigError(f"its field {field!r} holds {checkpoint.get(field)!r:.40}, where this version "
+                                  f"writes a value of the type {' or '.join(kind.__name__ for kind in kinds)}")
         emulator_state(checkpoint["game"]["ale"])
         verified(checkpoint, path, "q_network")
     except FileNotFoundError:

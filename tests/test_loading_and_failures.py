@@ -126,8 +126,10 @@ def test_a_flipped_bit_in_weights_or_replay_or_non_finite_weights_are_refused_on
 
 def test_a_checkpoint_edited_by_hand_is_refused_in_one_line_naming_the_field(real_checkpoint, tmp_path):
     for field, value, message in [
-            ("global_step", "120", "its field 'global_step' holds a str, not the int a checkpoint holds there"),
-            ("replay", [], "its field 'replay' holds a list, not the dict or NoneType a checkpoint holds there"),
+            ("global_step", "120",
+             "its field 'global_step' holds '120', where this version writes a value of the type int"),
+            ("replay", [],
+             "its field 'replay' holds [], where this version writes a value of the type dict or NoneType"),
             ("obs", real_checkpoint["obs"][:, :2], "its field 'obs' has the shape (1, 2, 84, 84), not (1, 4, 84, 84)"),
             # inside the pieces: each would have failed deep in a restore, or later in training, or not at all
             ("replay", {**real_checkpoint["replay"], "actions": real_checkpoint["replay"]["actions"][:1]},
