@@ -11,12 +11,17 @@ import hashlib
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
+
+if __name__ == "__main__":  # Ctrl-C while torch and the rest load, or while training: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("dqn.py: interrupted; the run's files so far are kept (dqn.py "
+                                                      "writes no checkpoint)"))
 
 import gymnasium as gym
 import numpy as np
@@ -651,8 +656,6 @@ def main() -> None:
         evaluate_saved(args) if args.eval_model else train(args)
     except (ConfigError, TrainingDiverged, OSError) as error:  # OSError: a run's file on a full or read-only disk
         sys.exit(f"dqn.py: error: {error}")
-    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is gone: nothing to save
-        sys.exit("dqn.py: interrupted outside the training loop, so no checkpoint was written")
 
 
 if __name__ == "__main__":

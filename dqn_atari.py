@@ -20,6 +20,10 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Literal, Optional, Union, get_args, get_origin
 
+if __name__ == "__main__":  # Ctrl-C while torch and the rest load, or outside the loop's own handler: one line
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(f"{os.path.basename(__file__)}: interrupted outside the "
+                                                      "training loop, so no checkpoint was written"))
+
 import ale_py
 import gymnasium as gym
 import numpy as np
@@ -1143,8 +1147,6 @@ def main() -> None:
         train(args, sys.argv[1:])
     except (ConfigError, TrainingDiverged, OSError) as error:  # OSError: a run's file on a full or read-only disk
         sys.exit(f"dqn_atari.py: error: {error}")
-    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is gone: nothing to save
-        sys.exit("dqn_atari.py: interrupted outside the training loop, so no checkpoint was written")
 
 
 if __name__ == "__main__":

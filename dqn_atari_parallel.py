@@ -27,6 +27,10 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin
 
+if __name__ == "__main__":  # Ctrl-C while torch and the rest load, or outside the loop's own handler: one line
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(f"{os.path.basename(__file__)}: interrupted outside the "
+                                                      "training loop, so no checkpoint was written"))
+
 import ale_py
 import gymnasium as gym
 import numpy as np
@@ -766,10 +770,6 @@ def step_game(game: AtariGame, action: int, step_frames: np.ndarray, reset_frame
 def game_worker(connection, frames: torch.Tensor, index: int, settings: tuple) -> None:
     """A worker process: plays training game `index`, told what to do through `connection`; its frames go
     to the shared `frames` tensor, where the trainer reads them without a copy through the pipe."""
-    # Ctrl-C reaches every process of the terminal's group, and a scheduler may signal them all: the
-    # trainer alone handles both, and asks this game for its state for the checkpoint before it stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     game = AtariGame(*settings)
     step_frames, reset_frames = frames.numpy()[:, index]
     try:
@@ -822,13 +822,21 @@ class Games:
         self.step_frames, self.reset_frames = shared.numpy()
         context = torch.multiprocessing.get_context("spawn")  # a forked child would inherit a CUDA context
         self.connections, self.workers = [], []
-        for k in range(1, n):
-            ours, theirs = context.Pipe()
-            worker = context.Process(target=game_worker, args=(theirs, shared, k, settings[k]), daemon=True)
-            worker.start()
-            theirs.close()
-            self.connections.append(ours)
-            self.workers.append(worker)
+        # Ctrl-C reaches every process of the terminal's group, and a scheduler may signal them all: the trainer
+        # alone handles both, and asks each game for its state for the checkpoint. A worker starts with them
+        # ignored (an ignored signal stays ignored in the new process), so not even its imports see them.
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for k in range(1, n):
+                ours, theirs = context.Pipe()
+                worker = context.Process(target=game_worker, args=(theirs, shared, k, settings[k]), daemon=True)
+                worker.start()
+                theirs.close()
+                self.connections.append(ours)
+                self.workers.append(worker)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     def _ask_all(self, command: str, arguments: list, local_call) -> list:
         """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
@@ -896,7 +904,6 @@ class Games:
 
 # ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------
 CHECKPOINT_FORMAT = "dqn_atari_parallel checkpoint 1"
-# formats this version refuses -> (why, the last commit whose dqn_atari.py reads them)
 OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn_atari.py reads them
     "dqn_atari checkpoint 1": "its emulator state is a pickle, which can run code when loaded; continue it, only if "
                               "you trust the file, with dqn_atari.py of commit bcf01fb",
@@ -1472,8 +1479,6 @@ def main() -> None:
         train(args, sys.argv[1:])
     except (ConfigError, TrainingDiverged, GameWorkerFailed, OSError) as error:  # OSError: a full or read-only disk
         sys.exit(f"dqn_atari_parallel.py: error: {error}")
-    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is gone: nothing to save
-        sys.exit("dqn_atari_parallel.py: interrupted outside the training loop, so no checkpoint was written")
 
 
 if __name__ == "__main__":

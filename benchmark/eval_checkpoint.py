@@ -8,8 +8,12 @@ evaluations.
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads or while the games play: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("eval_checkpoint.py: interrupted"))
 
 import torch
 

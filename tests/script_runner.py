@@ -9,17 +9,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# What each script says when Ctrl-C stops it where it writes no checkpoint: before or after the Atari
+# training loops, anywhere in dqn.py (which has none) and benchmark/eval_checkpoint.py
+INTERRUPTED = {script: f"{script}: interrupted outside the training loop, so no checkpoint was written"
+               for script in ["dqn_atari.py", "dqn_atari_profiled.py", "dqn_atari_parallel.py"]}
+INTERRUPTED["dqn.py"] = "dqn.py: interrupted; the run's files so far are kept (dqn.py writes no checkpoint)"
+INTERRUPTED["benchmark/eval_checkpoint.py"] = "eval_checkpoint.py: interrupted"
+
 
 def run_script(script: str, *args, cwd, timeout=300, interpreter_args=(), **popen_kwargs):
     return subprocess.run([sys.executable, *interpreter_args, str(REPO / script), *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, **popen_kwargs)
 
 
+def run_as_main(prelude: str) -> tuple:
+    """interpreter_args for run_script that run the Python lines `prelude`, then the script as `python script` would."""
+    return ("-c", f"{prelude}\nimport runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def as_if_not_installed(module: str) -> tuple:
     """interpreter_args for run_script that run the script with `module` unimportable, as if it were not installed
     (sys.modules[name] = None is how Python is told so)."""
-    return ("-c", f"import runpy, sys; sys.modules[{module!r}] = None; sys.argv = sys.argv[1:]; "
-                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return run_as_main(f"import sys; sys.modules[{module!r}] = None")
+
+
+def interrupted_at_import(module: str) -> tuple:
+    """interpreter_args for run_script that send the script SIGINT, as Ctrl-C does, the moment it starts importing
+    `module`: a finder ahead of Python's own sees the import begin (and finds nothing itself)."""
+    return run_as_main("import os, signal, sys\n"
+                       "class Interrupt:\n"
+                       "    def find_spec(self, name, path=None, target=None):\n"
+                       f"        if name == {module!r}: os.kill(os.getpid(), signal.SIGINT)\n"
+                       "sys.meta_path.insert(0, Interrupt())")
 
 
 def assert_one_line_error(finished, fragment, script="dqn.py"):

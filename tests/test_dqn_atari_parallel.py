@@ -5,6 +5,10 @@ algorithm is tested once, on dqn_atari.py, and the variant's numerics by its fin
 import ast
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from torch.nn.utils import parameters_to_vector
 import dqn_atari_parallel as parallel
 from conftest import (check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, count_calls, frame_with_id, small_args)
-from script_runner import REPO, assert_one_line_error, run_script
+from script_runner import INTERRUPTED, REPO, assert_one_line_error, is_emulator_banner, run_script
 
 CPU = torch.device("cpu")
 
@@ -256,3 +260,41 @@ def test_ctrl_c_to_the_whole_group_writes_a_checkpoint_that_resumes(tmp_path):
     saved = check_a_signal_writes_a_checkpoint_that_resumes("dqn_atari_parallel.py", tmp_path, signal.SIGINT, True,
                                                             "--num-envs", "2")
     assert len(saved["games"]) == 2
+
+
+def test_ctrl_c_to_the_whole_group_while_the_workers_start_ends_in_one_line(tmp_path):
+    """The workers ignore Ctrl-C from their first instant, as they import torch too: only the trainer answers."""
+    trainer = subprocess.Popen([sys.executable, str(REPO / "dqn_atari_parallel.py"), "--num-envs", "3",
+                                "--buffer-size", "1000", "--no-cuda", "--runs-dir", "runs"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(worker_pids(trainer.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = worker_pids(trainer.pid)
+    assert len(workers) == 2, "the workers never started"
+    time.sleep(0.2)  # the trainer is past starting them; they are still importing (seconds)
+    os.killpg(trainer.pid, signal.SIGINT)
+    _, errors = trainer.communicate(timeout=120)
+    assert trainer.returncode != 0 and "Traceback" not in errors, errors
+    assert [line for line in errors.splitlines() if not is_emulator_banner(line)] == [
+        INTERRUPTED["dqn_atari_parallel.py"]]
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived the trainer"
+
+
+def worker_pids(trainer_pid: int) -> list:
+    """The trainer's game workers (multiprocessing's spawned children; not its resource tracker)."""
+    try:
+        children = Path(f"/proc/{trainer_pid}/task/{trainer_pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for pid in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found

@@ -27,7 +27,6 @@ REPLACED = {
     '"track", "wandb_project_name", "wandb_entity"}',
     "loss, q_mean = update(*replay.sample(args.batch_size))",
     'sys.exit(f"dqn_atari.py: error: {error}")',
-    'sys.exit("dqn_atari.py: interrupted outside the training loop, so no checkpoint was written")',
 }
 # Lines the profiled copy adds outside its harness section, beyond those naming a piece of the harness (HARNESS):
 # the docstring's first line, the imports the harness needs, the short run's defaults, the update call split to

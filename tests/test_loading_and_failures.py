@@ -17,7 +17,8 @@ import torch
 
 import dqn
 import dqn_atari as atari
-from script_runner import assert_one_line_error, run_script
+from script_runner import (INTERRUPTED, assert_one_line_error, interrupted_at_import, is_emulator_banner,
+                           run_script)
 from conftest import rewrite, small_args
 
 
@@ -288,17 +289,20 @@ def test_a_malformed_eval_csv_row_is_refused_on_resume_in_one_line(tmp_path):
     assert_one_line_error(resumed, "eval.csv has a row that does not start with a step", "dqn_atari.py")
 
 
-@pytest.mark.parametrize("script, replay", [(atari, "FrameReplay"), (dqn, "ReplayBuffer")])
-def test_ctrl_c_during_start_up_ends_in_one_line(script, replay, tmp_path, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # as Ctrl-C while the replay is allocated, before the loop's handler is set
+@pytest.mark.parametrize("script", INTERRUPTED)
+def test_ctrl_c_while_torch_loads_ends_in_one_line(script, tmp_path):
+    finished = run_script(script, cwd=tmp_path, interpreter_args=interrupted_at_import("torch"))
+    assert finished.returncode != 0 and finished.stdout == ""  # before the script printed anything
+    assert finished.stderr.strip() == INTERRUPTED[script], finished.stderr
 
-    monkeypatch.setattr(script, replay, interrupted)
-    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--runs-dir", str(tmp_path / "runs"), "--no-cuda"])
-    with pytest.raises(SystemExit) as stop:
-        script.main()
-    assert stop.value.code == (f"{script.__name__}.py: interrupted outside the training loop, so no checkpoint "
-                               "was written")
+
+@pytest.mark.parametrize("script", ["dqn_atari.py", "dqn.py"])
+def test_ctrl_c_while_the_run_is_set_up_ends_in_one_line(script, tmp_path):
+    # tensorboard is imported as the run's files are made: after the replay, before the training loop
+    finished = run_script(script, "--buffer-size", "1000", "--no-cuda", cwd=tmp_path,
+                          interpreter_args=interrupted_at_import("torch.utils.tensorboard"))
+    assert finished.returncode != 0 and "Traceback" not in finished.stderr
+    assert [line for line in finished.stderr.splitlines() if not is_emulator_banner(line)] == [INTERRUPTED[script]]
 
 
 # ---- several processes at once ----
