@@ -20,8 +20,7 @@ from datetime import timedelta
 from typing import Optional
 
 if __name__ == "__main__":  # Ctrl-C while torch and the rest load, or while training: one line, not a traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("dqn.py: interrupted; the run's files so far are kept (dqn.py "
-                                                      "writes no checkpoint)"))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("dqn.py: interrupted (dqn.py writes no checkpoints)"))
 
 import gymnasium as gym
 import numpy as np

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 # training loops, anywhere in dqn.py (which has none) and benchmark/eval_checkpoint.py
 INTERRUPTED = {script: f"{script}: interrupted outside the training loop, so no checkpoint was written"
                for script in ["dqn_atari.py", "dqn_atari_profiled.py", "dqn_atari_parallel.py"]}
-INTERRUPTED["dqn.py"] = "dqn.py: interrupted; the run's files so far are kept (dqn.py writes no checkpoint)"
+INTERRUPTED["dqn.py"] = "dqn.py: interrupted (dqn.py writes no checkpoints)"
 INTERRUPTED["benchmark/eval_checkpoint.py"] = "eval_checkpoint.py: interrupted"
 
 
