@@ -1,6 +1,7 @@
 """Running a training script as users do (a subprocess), and what its bad-input errors must look like."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,14 +48,18 @@ def assert_one_line_error(finished, fragment, script="dqn.py"):
     """Bad input: a non-zero exit and exactly one line, `<script>: error: ...`, never a traceback."""
     assert finished.returncode != 0
     assert "Traceback" not in finished.stderr
-    lines = [line for line in finished.stderr.strip().splitlines() if not is_emulator_banner(line)]
+    lines = lines_without_emulator_banners(finished.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error:"), finished.stderr
     assert fragment in lines[0]
 
 
-def is_emulator_banner(line: str) -> bool:
-    """The two lines ale-py's emulator prints to stderr whenever it loads a game: not ours to suppress."""
-    return line.startswith("A.L.E: Arcade Learning Environment") or line == "[Powered by Stella]"
+EMULATOR_BANNER = re.compile(r"A\.L\.E: Arcade Learning Environment \(version [^)]*\)|\[Powered by Stella\]")
+
+
+def lines_without_emulator_banners(stderr: str) -> list:
+    """stderr's non-empty lines once the banner ale-py's emulator prints on loading a game is taken out (not ours to
+    suppress); removed as fragments, since the banners of several worker processes interleave mid-line."""
+    return [line for line in EMULATOR_BANNER.sub("", stderr).splitlines() if line.strip()]
 
 
 def unique_marker(label: str) -> str:

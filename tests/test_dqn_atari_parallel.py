@@ -18,7 +18,7 @@ from torch.nn.utils import parameters_to_vector
 import dqn_atari_parallel as parallel
 from conftest import (check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, count_calls, frame_with_id, small_args)
-from script_runner import INTERRUPTED, REPO, assert_one_line_error, is_emulator_banner, run_script
+from script_runner import INTERRUPTED, REPO, assert_one_line_error, lines_without_emulator_banners, run_script
 
 CPU = torch.device("cpu")
 
@@ -276,7 +276,7 @@ def test_ctrl_c_to_the_whole_group_while_the_workers_start_ends_in_one_line(tmp_
     os.killpg(trainer.pid, signal.SIGINT)
     _, errors = trainer.communicate(timeout=120)
     assert trainer.returncode != 0 and "Traceback" not in errors, errors
-    assert [line for line in errors.splitlines() if not is_emulator_banner(line)] == [
+    assert lines_without_emulator_banners(errors) == [
         INTERRUPTED["dqn_atari_parallel.py"]]
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:

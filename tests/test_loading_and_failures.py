@@ -17,7 +17,7 @@ import torch
 
 import dqn
 import dqn_atari as atari
-from script_runner import (INTERRUPTED, assert_one_line_error, interrupted_at_import, is_emulator_banner,
+from script_runner import (INTERRUPTED, assert_one_line_error, interrupted_at_import, lines_without_emulator_banners,
                            run_script)
 from conftest import rewrite, small_args
 
@@ -302,7 +302,7 @@ def test_ctrl_c_while_the_run_is_set_up_ends_in_one_line(script, tmp_path):
     finished = run_script(script, "--buffer-size", "1000", "--no-cuda", cwd=tmp_path,
                           interpreter_args=interrupted_at_import("torch.utils.tensorboard"))
     assert finished.returncode != 0 and "Traceback" not in finished.stderr
-    assert [line for line in finished.stderr.splitlines() if not is_emulator_banner(line)] == [INTERRUPTED[script]]
+    assert lines_without_emulator_banners(finished.stderr) == [INTERRUPTED[script]]
 
 
 # ---- several processes at once ----
