@@ -1,7 +1,8 @@
 """DQN (Mnih et al. 2015) for classic-control gymnasium environments, in one file.
 
 Read top to bottom: the arguments, the pieces (environment, replay, network, schedule, update, evaluation),
-then the training loop in `train()`. `python dqn.py` trains CartPole-v1; see README.md for other envs.
+then the training loop in `train()`; below it, saved models and the run's files. `python dqn.py` trains
+CartPole-v1; see README.md for other envs.
 Comments that cite "the article" mean "Learnings from reproducing DQN for Atari games", the account this project
 grew from: each mistake it describes has a test that fails if it comes back.
 """
@@ -325,210 +326,7 @@ def surely_reaches(returns: np.ndarray, threshold: float) -> bool:
     return returns.mean() - 2 * returns.std() / np.sqrt(len(returns)) >= threshold
 
 
-# ---- Saved models ------------------------------------------------------------------------------------------
-
-
-def checksum(payload) -> str:
-    """sha256 over everything a checkpoint or saved model holds, tensors as their bytes: a flipped bit shows."""
-    digest = hashlib.sha256()
-
-    def visit(value):
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(value, (dict, list, tuple)):
-            digest.update(f"{type(value).__name__}{len(value)}".encode())
-            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
-                digest.update(repr(key).encode())
-                visit(item)
-        else:
-            digest.update(repr(value).encode())
-
-    visit(payload)
-    return digest.hexdigest()
-
-
-def save_atomically(payload: dict, path: str) -> None:
-    """With its checksum, to a temporary file that is synced, then renamed over `path`: a crash or a power loss
-    mid-write leaves the previous file whole, and a failed write (a full disk) leaves no temporary file behind."""
-    tmp_path = path + ".tmp"
-    try:
-        with open(tmp_path, "wb") as file:
-            torch.save({**payload, "checksum": checksum(payload)}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException as error:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        # a full disk inside torch.save: its zip writer's RuntimeError, raised while handling the write's OSError
-        failed_write = error if isinstance(error, OSError) else error.__context__
-        if isinstance(failed_write, OSError):
-            raise ConfigError(f"cannot write {path} ({failed_write.strerror or failed_write}); the file there "
-                              "before, if any, is as it was") from None
-        raise
-    try:  # the rename itself, made durable
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as error:  # the new file is in place: a warning, as some file systems cannot sync a directory
-        print(f"warning: {path} is written, but its directory could not be synced ({error.strerror or error}), so "
-              "a power loss could still undo the write", file=sys.stderr, flush=True)
-
-
-def verified(loaded: dict, path: str, weights: str) -> dict:
-    """A loaded checkpoint or model less its checksum, refused (ConfigError, for the caller to name the file) if its
-    contents do not match it or the weights under `weights` are not finite; one older than checksums warns."""
-    saved = loaded.pop("checksum", None)
-    if saved is None:
-        print(f"warning: {path} carries no checksum (an older version wrote it), so it cannot be verified",
-              file=sys.stderr, flush=True)
-    elif saved != checksum(loaded):
-        raise ConfigError("its contents do not match the checksum written with them: the file is corrupt")
-    if not all(torch.isfinite(tensor).all() for tensor in loaded[weights].values()):
-        raise ConfigError("its weights are not finite (NaN or infinity)")
-    return loaded
-
-
-def save_model(path: str, q_network: QNetwork, args: Args, obs_dim: int, n_actions: int) -> None:
-    """Writes weights with what is needed to rebuild the network."""
-    save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id, "obs_dim": obs_dim,
-                     "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes)}, path)
-
-
-def load_model(path: str, obs_dim: int, n_actions: int, device: torch.device) -> QNetwork:
-    try:
-        payload = verified(torch.load(path, map_location=device, weights_only=True), path, "state_dict")
-        shape = (payload["obs_dim"], payload["n_actions"])
-        q_network = QNetwork(payload["obs_dim"], payload["n_actions"], tuple(payload["hidden_sizes"]))
-        q_network.load_state_dict(payload["state_dict"])
-    except FileNotFoundError:
-        raise ConfigError(f"no saved model at {path}") from None
-    except ConfigError as error:  # a corrupt file, or weights that are not finite
-        raise ConfigError(f"{path}: {error}") from None
-    except Exception as error:  # unpickling, a missing key, mismatched tensors: all mean "not our model"
-        raise ConfigError(f"{path} is not a readable dqn.py model ({type(error).__name__}); give a file that "
-                          "dqn.py --save-model wrote") from None
-    if shape != (obs_dim, n_actions):
-        raise ConfigError(f"{path} was trained on {payload['env_id']} (obs {shape[0]}, actions {shape[1]}); "
-                          f"this env has obs {obs_dim}, actions {n_actions}: pass --env-id {payload['env_id']}")
-    return q_network.to(device)
-
-
 # ---- Training ----------------------------------------------------------------------------------------------
-
-
-def make_run_dir(args: Args) -> str:
-    name = args.env_id.replace("/", "-")
-    base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir, suffix = base, 1
-    while True:
-        try:
-            os.makedirs(run_dir)  # never an existing one, so never an earlier or a concurrent run's files
-            return run_dir
-        except FileExistsError:
-            run_dir, suffix = f"{base}-{suffix}", suffix + 1
-        except OSError as error:  # a missing parent we may not create, a file in the way, no permission
-            raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
-                              "--runs-dir") from None
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
-    """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
-    and keeps the flags and this file; a resumed run passes the id its checkpoint kept, and goes on in that run."""
-    import wandb  # only with --track (check_args has seen it is installed)
-
-    try:
-        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
-                         sync_tensorboard=True, save_code=True, id=run_id, resume="allow" if run_id else None)
-    except wandb.errors.Error as error:  # no API key, an unknown entity
-        raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
-                          "`wandb login`, or set WANDB_MODE=offline") from None
-    run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
-    return run
-
-
-class RunLog:
-    """A run's directory and what goes into it: tensorboard events (CleanRL's charts/ and losses/ names, and
-    eval/), eval.csv and, with --track, a W&B run; its clock starts with the first step."""
-
-    def __init__(self, args: Args):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
-
-        self.args = args
-        self.run_dir = make_run_dir(args)
-        self.tracking = start_tracking(args, self.run_dir) if args.track else None
-        self.writer = SummaryWriter(self.run_dir)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                             "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-        self.eval_file = open(os.path.join(self.run_dir, "eval.csv"), "w", newline="")
-        self.eval_csv = csv.writer(self.eval_file)
-        self.eval_csv.writerow(["step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
-        self.last_eval = float("nan")
-
-    def start_clock(self) -> None:
-        self.start_time = time.time()
-        self.last_progress = (self.start_time, 0)  # (time, step): the ETA's rate is from the last line
-
-    def wall_seconds(self) -> float:
-        return time.time() - self.start_time
-
-    def steps_per_second(self, step: int, now: float) -> float:
-        """This process's env steps per second, up to `step`."""
-        return step / (now - self.start_time)
-
-    def episode_over(self, episode_return: float, episode_length: int, step: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", episode_return, step)
-        self.writer.add_scalar("charts/episodic_length", episode_length, step)
-
-    def update(self, step: int, loss: torch.Tensor, q_mean: torch.Tensor, epsilon: float) -> str:
-        """The TD loss, the mean Q-value, epsilon and SPS at `step`; returns what went non-finite, if anything."""
-        loss, q_mean = loss.item(), q_mean.item()
-        if not (math.isfinite(loss) and math.isfinite(q_mean)):
-            return f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
-        self.writer.add_scalar("losses/td_loss", loss, step)
-        self.writer.add_scalar("losses/q_values", q_mean, step)
-        self.writer.add_scalar("charts/epsilon", epsilon, step)
-        self.writer.add_scalar("charts/SPS", int(self.steps_per_second(step, time.time())), step)
-        return ""
-
-    def evaluate(self, evaluate: Evaluator, q_network: nn.Module, step: int) -> np.ndarray:
-        """Plays the evaluation episodes and writes their returns."""
-        returns = evaluate(q_network)
-        self.last_eval = returns.mean()
-        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
-        self.eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
-                                f"{self.wall_seconds():.2f}"])
-        self.eval_file.flush()
-        return returns
-
-    def progress(self, step: int, epsilon: float, recent_returns: deque, updates_begin_at: int) -> None:
-        now, (then, then_step) = time.time(), self.last_progress
-        self.last_progress = (now, step)
-        recent = np.mean(recent_returns) if recent_returns else float("nan")
-        # the ETA from the steps since the last line, not from the start: collecting alone runs many times faster
-        seconds_left = (now - then) * (self.args.total_timesteps - step) / (step - then_step)
-        eta = f"ETA {timedelta(seconds=round(seconds_left))}"
-        if step <= updates_begin_at:
-            eta = f"updates from step {updates_begin_at:,}"
-        print(f"step {step:>9}/{self.args.total_timesteps} | SPS {self.steps_per_second(step, now):5.0f} | "
-              f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {self.last_eval:7.2f} | {eta}", flush=True)
-
-    def close(self, diverged: str) -> None:
-        self.eval_file.close()
-        self.writer.close()
-        if self.tracking is not None:
-            self.tracking.finish(exit_code=1 if diverged else 0)
 
 
 def weights_not_finite(network: nn.Module, step: int) -> str:
@@ -647,6 +445,212 @@ def evaluate_saved(args: Args) -> np.ndarray:
     print(f"{args.eval_model} on {args.env_id}: {returns.mean():.2f} ± {returns.std():.2f} "
           f"over {len(returns)} episodes")
     return returns
+
+
+# ---- Saved models ------------------------------------------------------------------------------------------
+
+
+def checksum(payload) -> str:
+    """sha256 over everything a checkpoint or saved model holds, tensors as their bytes: a flipped bit shows."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, (dict, list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}".encode())
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                digest.update(repr(key).encode())
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
+def save_atomically(payload: dict, path: str) -> None:
+    """With its checksum, to a temporary file that is synced, then renamed over `path`: a crash or a power loss
+    mid-write leaves the previous file whole, and a failed write (a full disk) leaves no temporary file behind."""
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, "wb") as file:
+            torch.save({**payload, "checksum": checksum(payload)}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as error:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        # a full disk inside torch.save: its zip writer's RuntimeError, raised while handling the write's OSError
+        failed_write = error if isinstance(error, OSError) else error.__context__
+        if isinstance(failed_write, OSError):
+            raise ConfigError(f"cannot write {path} ({failed_write.strerror or failed_write}); the file there "
+                              "before, if any, is as it was") from None
+        raise
+    try:  # the rename itself, made durable
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:  # the new file is in place: a warning, as some file systems cannot sync a directory
+        print(f"warning: {path} is written, but its directory could not be synced ({error.strerror or error}), so "
+              "a power loss could still undo the write", file=sys.stderr, flush=True)
+
+
+def verified(loaded: dict, path: str, weights: str) -> dict:
+    """A loaded checkpoint or model less its checksum, refused (ConfigError, for the caller to name the file) if its
+    contents do not match it or the weights under `weights` are not finite; one older than checksums warns."""
+    saved = loaded.pop("checksum", None)
+    if saved is None:
+        print(f"warning: {path} carries no checksum (an older version wrote it), so it cannot be verified",
+              file=sys.stderr, flush=True)
+    elif saved != checksum(loaded):
+        raise ConfigError("its contents do not match the checksum written with them: the file is corrupt")
+    if not all(torch.isfinite(tensor).all() for tensor in loaded[weights].values()):
+        raise ConfigError("its weights are not finite (NaN or infinity)")
+    return loaded
+
+
+def save_model(path: str, q_network: QNetwork, args: Args, obs_dim: int, n_actions: int) -> None:
+    """Writes weights with what is needed to rebuild the network."""
+    save_atomically({"state_dict": q_network.state_dict(), "env_id": args.env_id, "obs_dim": obs_dim,
+                     "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes)}, path)
+
+
+def load_model(path: str, obs_dim: int, n_actions: int, device: torch.device) -> QNetwork:
+    try:
+        payload = verified(torch.load(path, map_location=device, weights_only=True), path, "state_dict")
+        shape = (payload["obs_dim"], payload["n_actions"])
+        q_network = QNetwork(payload["obs_dim"], payload["n_actions"], tuple(payload["hidden_sizes"]))
+        q_network.load_state_dict(payload["state_dict"])
+    except FileNotFoundError:
+        raise ConfigError(f"no saved model at {path}") from None
+    except ConfigError as error:  # a corrupt file, or weights that are not finite
+        raise ConfigError(f"{path}: {error}") from None
+    except Exception as error:  # unpickling, a missing key, mismatched tensors: all mean "not our model"
+        raise ConfigError(f"{path} is not a readable dqn.py model ({type(error).__name__}); give a file that "
+                          "dqn.py --save-model wrote") from None
+    if shape != (obs_dim, n_actions):
+        raise ConfigError(f"{path} was trained on {payload['env_id']} (obs {shape[0]}, actions {shape[1]}); "
+                          f"this env has obs {obs_dim}, actions {n_actions}: pass --env-id {payload['env_id']}")
+    return q_network.to(device)
+
+
+# ---- The run's files ---------------------------------------------------------------------------------------
+
+
+def make_run_dir(args: Args) -> str:
+    name = args.env_id.replace("/", "-")
+    base = os.path.join(args.runs_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir, suffix = base, 1
+    while True:
+        try:
+            os.makedirs(run_dir)  # never an existing one, so never an earlier or a concurrent run's files
+            return run_dir
+        except FileExistsError:
+            run_dir, suffix = f"{base}-{suffix}", suffix + 1
+        except OSError as error:  # a missing parent we may not create, a file in the way, no permission
+            raise ConfigError(f"cannot create the run directory {run_dir} ({error.strerror}); pass a writable "
+                              "--runs-dir") from None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
+    """--track: a Weights & Biases run that mirrors the tensorboard events (so it starts before the writer opens)
+    and keeps the flags and this file; a resumed run passes the id its checkpoint kept, and goes on in that run."""
+    import wandb  # only with --track (check_args has seen it is installed)
+
+    try:
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
+                         sync_tensorboard=True, save_code=True, id=run_id, resume="allow" if run_id else None)
+    except wandb.errors.Error as error:  # no API key, an unknown entity
+        raise ConfigError(f"--track could not start a Weights & Biases run ({str(error).splitlines()[0]}); run "
+                          "`wandb login`, or set WANDB_MODE=offline") from None
+    run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
+    return run
+
+
+class RunLog:
+    """A run's directory and what goes into it: tensorboard events (CleanRL's charts/ and losses/ names, and
+    eval/), eval.csv and, with --track, a W&B run; its clock starts with the first step."""
+
+    def __init__(self, args: Args):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+        self.args = args
+        self.run_dir = make_run_dir(args)
+        self.tracking = start_tracking(args, self.run_dir) if args.track else None
+        self.writer = SummaryWriter(self.run_dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                             "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+        self.eval_file = open(os.path.join(self.run_dir, "eval.csv"), "w", newline="")
+        self.eval_csv = csv.writer(self.eval_file)
+        self.eval_csv.writerow(["step", "eval_mean", "eval_std", "episodes", "wall_seconds"])
+        self.last_eval = float("nan")
+
+    def start_clock(self) -> None:
+        self.start_time = time.time()
+        self.last_progress = (self.start_time, 0)  # (time, step): the ETA's rate is from the last line
+
+    def wall_seconds(self) -> float:
+        return time.time() - self.start_time
+
+    def steps_per_second(self, step: int, now: float) -> float:
+        """This process's env steps per second, up to `step`."""
+        return step / (now - self.start_time)
+
+    def episode_over(self, episode_return: float, episode_length: int, step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", episode_return, step)
+        self.writer.add_scalar("charts/episodic_length", episode_length, step)
+
+    def update(self, step: int, loss: torch.Tensor, q_mean: torch.Tensor, epsilon: float) -> str:
+        """The TD loss, the mean Q-value, epsilon and SPS at `step`; returns what went non-finite, if anything."""
+        loss, q_mean = loss.item(), q_mean.item()
+        if not (math.isfinite(loss) and math.isfinite(q_mean)):
+            return f"at step {step:,} the TD loss is {loss} and the mean Q-value {q_mean}"
+        self.writer.add_scalar("losses/td_loss", loss, step)
+        self.writer.add_scalar("losses/q_values", q_mean, step)
+        self.writer.add_scalar("charts/epsilon", epsilon, step)
+        self.writer.add_scalar("charts/SPS", int(self.steps_per_second(step, time.time())), step)
+        return ""
+
+    def evaluate(self, evaluate: Evaluator, q_network: nn.Module, step: int) -> np.ndarray:
+        """Plays the evaluation episodes and writes their returns."""
+        returns = evaluate(q_network)
+        self.last_eval = returns.mean()
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.eval_csv.writerow([step, f"{returns.mean():.4f}", f"{returns.std():.4f}", len(returns),
+                                f"{self.wall_seconds():.2f}"])
+        self.eval_file.flush()
+        return returns
+
+    def progress(self, step: int, epsilon: float, recent_returns: deque, updates_begin_at: int) -> None:
+        now, (then, then_step) = time.time(), self.last_progress
+        self.last_progress = (now, step)
+        recent = np.mean(recent_returns) if recent_returns else float("nan")
+        # the ETA from the steps since the last line, not from the start: collecting alone runs many times faster
+        seconds_left = (now - then) * (self.args.total_timesteps - step) / (step - then_step)
+        eta = f"ETA {timedelta(seconds=round(seconds_left))}"
+        if step <= updates_begin_at:
+            eta = f"updates from step {updates_begin_at:,}"
+        print(f"step {step:>9}/{self.args.total_timesteps} | SPS {self.steps_per_second(step, now):5.0f} | "
+              f"eps {epsilon:.3f} | return(100) {recent:7.2f} | eval {self.last_eval:7.2f} | {eta}", flush=True)
+
+    def close(self, diverged: str) -> None:
+        self.eval_file.close()
+        self.writer.close()
+        if self.tracking is not None:
+            self.tracking.finish(exit_code=1 if diverged else 0)
 
 
 def main() -> None:

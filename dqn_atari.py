@@ -1,7 +1,8 @@
 """Nature DQN (Mnih et al. 2015) on Atari through gymnasium and ale-py, in one file.
 
 Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the device, the replay, the
-network and the update, evaluation, the speed-ups around the update, checkpoints, the run's files, then train().
+network and the update, evaluation, the speed-ups around the update, then train(). Below it: the checkpoints and
+the run's files that train() writes, out of the algorithm's reading path.
 "The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
@@ -612,6 +613,135 @@ def cpu_has_bf16_kernels() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 kernels need AVX-512
 
 
+# ---- Training ----------------------------------------------------------------------------------------------
+def weights_not_finite(network: nn.Module, step: int) -> str:
+    """What went non-finite in the network's weights at `step`, if anything (as RunLog.update says of the loss)."""
+    if all(torch.isfinite(parameter).all() for parameter in network.parameters()):
+        return ""
+    return f"at step {step:,} the network's weights are not finite"
+
+
+def train(args: Args, argv: Optional[list[str]] = None) -> dict:
+    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir, replay, network and
+    steps done."""
+    args, checkpoint = read_resume(args, argv or [])
+    check_args(args)
+    seed_everything(args.seed, args.torch_deterministic)
+    keep_freed_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
+        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
+              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
+    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, True, args.repeat_action_probability)
+    preprocess = FramePreprocessor(game.raw.shape[1:], device)
+    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
+    q_network = QNetwork(game.n_actions).to(device)
+    target_network = QNetwork(game.n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_network.requires_grad_(False)
+    optimizer = make_optimizer(args, q_network)
+    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_seed)
+    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
+          f"{' pinned' if replay.pinned else ''}", flush=True)
+    action_rng = np.random.default_rng(action_seed)
+    recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
+    global_step, updates_begin_at = 0, args.learning_starts  # updates run at the steps after updates_begin_at
+    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    if checkpoint is None:
+        obs = first_stack(preprocess(game.reset()[None]))  # a batch of one game: (1, 4, 84, 84)
+    else:
+        global_step, obs, updates_begin_at, exploration_steps = restore_checkpoint(
+            checkpoint, args, q_network, target_network, optimizer, game, replay, action_rng, recent_returns, device)
+
+    # the update and the greedy action as the loop calls them; --bf16 and CUDA graphs attach around them
+    online, target = q_network, target_network
+    if args.bf16:
+        online, target = bf16_forward(q_network), bf16_forward(target_network)
+
+    def update(*batch):
+        return td_update(online, target, optimizer, batch, args.gamma, args.max_grad_norm)
+
+    def act(obs):
+        return q_network(obs).argmax(dim=1)
+
+    if args.cuda_graphs and device.type == "cuda":
+        optimizer.param_groups[0]["capturable"] = True  # Adam's step count stays on the GPU, as a recording needs
+        update, act = CudaGraphed(update), CudaGraphed(act)
+
+    log = RunLog(args, checkpoint)
+    stop_signal = []  # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
+    previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    game_returns, final_returns, diverged = [], None, ""  # diverged: what went non-finite, and when
+    log.start_clock()
+    while global_step < args.total_timesteps:
+        global_step += 1
+        # act: epsilon-greedy, epsilon falling linearly over the first exploration_fraction of the run
+        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
+        with torch.no_grad():
+            action = int(epsilon_greedy(act, obs, epsilon, game.n_actions, action_rng)[0])
+        # step the game (the action repeated frame_skip times) and shrink its last two frames on the device
+        raw, reward, terminated, truncated, game_over = game.step(action)
+        next_frame = preprocess(raw[None])
+        # store. The reward clipped to its sign (Nature): one scale of TD error across games. At truncation the
+        # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
+        replay.add(obs[0, -1], action, float(np.sign(reward)), terminated, terminated or truncated, next_frame[0])
+        obs = torch.cat([obs[:, 1:], next_frame.unsqueeze(1)], dim=1)
+        if game_over:
+            log.game_over(game.game_return, game.game_length, global_step)
+            recent_returns.append(game.game_return)
+            game_returns.append(game.game_return)
+        if terminated or truncated:
+            obs = first_stack(preprocess(game.reset()[None]))
+
+        # learn: a minibatch update every train_frequency steps once learning starts
+        if global_step > updates_begin_at and global_step % args.train_frequency == 0:
+            loss, q_mean = update(*replay.sample(args.batch_size))
+            if global_step % LOG_EVERY < args.train_frequency:
+                diverged = log.update(global_step, loss, q_mean, epsilon)
+                if diverged:
+                    break
+        # sync the target network; the article's step counter was never incremented, so its target never moved
+        if global_step % args.target_network_frequency == 0:
+            target_network.load_state_dict(q_network.state_dict())
+
+        # evaluate, report, checkpoint
+        if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
+            log.evaluate(evaluate, q_network, global_step)
+        if args.progress_every and global_step % args.progress_every == 0:
+            log.progress(global_step, epsilon, recent_returns, updates_begin_at)
+        if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
+            diverged = weights_not_finite(q_network, global_step)
+            if diverged:
+                break  # a NaN between two loss reads: the last good checkpoint stays
+            log.checkpoint(make_checkpoint(args, global_step, log, q_network, target_network, optimizer, game, obs,
+                                           replay, action_rng, recent_returns, updates_begin_at, exploration_steps))
+        if stop_signal:
+            print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
+                  f"{log.checkpoint_path} (continue with --resume {log.checkpoint_path})", flush=True)
+            break
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+
+    if not (stop_signal or diverged):
+        diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
+    if not (stop_signal or diverged):
+        final_returns = log.evaluate(evaluate, q_network, global_step)
+        print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
+              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
+        if args.save_model:
+            log.save_model(q_network, game.n_actions)
+    log.close(diverged)
+    if diverged:
+        kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"
+                if log.last_checkpoint_step is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged: {diverged}; {kept}; try a smaller --learning-rate")
+    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": log.run_dir,
+            "replay": replay, "q_network": q_network, "global_step": global_step}
+
+
 # ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------
 CHECKPOINT_FORMAT = "dqn_atari checkpoint 3"
 OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn_atari.py reads them
@@ -1010,135 +1140,6 @@ class RunLog:
         if self.tracking is not None:
             self.tracking.finish(exit_code=1 if diverged else 0)
         os.close(self.lock)
-
-
-# ---- Training ----------------------------------------------------------------------------------------------
-def weights_not_finite(network: nn.Module, step: int) -> str:
-    """What went non-finite in the network's weights at `step`, if anything (as RunLog.update says of the loss)."""
-    if all(torch.isfinite(parameter).all() for parameter in network.parameters()):
-        return ""
-    return f"at step {step:,} the network's weights are not finite"
-
-
-def train(args: Args, argv: Optional[list[str]] = None) -> dict:
-    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir, replay, network and
-    steps done."""
-    args, checkpoint = read_resume(args, argv or [])
-    check_args(args)
-    seed_everything(args.seed, args.torch_deterministic)
-    keep_freed_memory()
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
-        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
-              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
-    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, True, args.repeat_action_probability)
-    preprocess = FramePreprocessor(game.raw.shape[1:], device)
-    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
-    q_network = QNetwork(game.n_actions).to(device)
-    target_network = QNetwork(game.n_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    target_network.requires_grad_(False)
-    optimizer = make_optimizer(args, q_network)
-    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
-    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_seed)
-    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
-          f"{' pinned' if replay.pinned else ''}", flush=True)
-    action_rng = np.random.default_rng(action_seed)
-    recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
-    global_step, updates_begin_at = 0, args.learning_starts  # updates run at the steps after updates_begin_at
-    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
-    if checkpoint is None:
-        obs = first_stack(preprocess(game.reset()[None]))  # a batch of one game: (1, 4, 84, 84)
-    else:
-        global_step, obs, updates_begin_at, exploration_steps = restore_checkpoint(
-            checkpoint, args, q_network, target_network, optimizer, game, replay, action_rng, recent_returns, device)
-
-    # the update and the greedy action as the loop calls them; --bf16 and CUDA graphs attach around them
-    online, target = q_network, target_network
-    if args.bf16:
-        online, target = bf16_forward(q_network), bf16_forward(target_network)
-
-    def update(*batch):
-        return td_update(online, target, optimizer, batch, args.gamma, args.max_grad_norm)
-
-    def act(obs):
-        return q_network(obs).argmax(dim=1)
-
-    if args.cuda_graphs and device.type == "cuda":
-        optimizer.param_groups[0]["capturable"] = True  # Adam's step count stays on the GPU, as a recording needs
-        update, act = CudaGraphed(update), CudaGraphed(act)
-
-    log = RunLog(args, checkpoint)
-    stop_signal = []  # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
-    previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-    game_returns, final_returns, diverged = [], None, ""  # diverged: what went non-finite, and when
-    log.start_clock()
-    while global_step < args.total_timesteps:
-        global_step += 1
-        # act: epsilon-greedy, epsilon falling linearly over the first exploration_fraction of the run
-        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
-        with torch.no_grad():
-            action = int(epsilon_greedy(act, obs, epsilon, game.n_actions, action_rng)[0])
-        # step the game (the action repeated frame_skip times) and shrink its last two frames on the device
-        raw, reward, terminated, truncated, game_over = game.step(action)
-        next_frame = preprocess(raw[None])
-        # store. The reward clipped to its sign (Nature): one scale of TD error across games. At truncation the
-        # final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
-        replay.add(obs[0, -1], action, float(np.sign(reward)), terminated, terminated or truncated, next_frame[0])
-        obs = torch.cat([obs[:, 1:], next_frame.unsqueeze(1)], dim=1)
-        if game_over:
-            log.game_over(game.game_return, game.game_length, global_step)
-            recent_returns.append(game.game_return)
-            game_returns.append(game.game_return)
-        if terminated or truncated:
-            obs = first_stack(preprocess(game.reset()[None]))
-
-        # learn: a minibatch update every train_frequency steps once learning starts
-        if global_step > updates_begin_at and global_step % args.train_frequency == 0:
-            loss, q_mean = update(*replay.sample(args.batch_size))
-            if global_step % LOG_EVERY < args.train_frequency:
-                diverged = log.update(global_step, loss, q_mean, epsilon)
-                if diverged:
-                    break
-        # sync the target network; the article's step counter was never incremented, so its target never moved
-        if global_step % args.target_network_frequency == 0:
-            target_network.load_state_dict(q_network.state_dict())
-
-        # evaluate, report, checkpoint
-        if args.eval_every and global_step % args.eval_every == 0 and global_step < args.total_timesteps:
-            log.evaluate(evaluate, q_network, global_step)
-        if args.progress_every and global_step % args.progress_every == 0:
-            log.progress(global_step, epsilon, recent_returns, updates_begin_at)
-        if (args.checkpoint_every and global_step % args.checkpoint_every == 0) or stop_signal:
-            diverged = weights_not_finite(q_network, global_step)
-            if diverged:
-                break  # a NaN between two loss reads: the last good checkpoint stays
-            log.checkpoint(make_checkpoint(args, global_step, log, q_network, target_network, optimizer, game, obs,
-                                           replay, action_rng, recent_returns, updates_begin_at, exploration_steps))
-        if stop_signal:
-            print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
-                  f"{log.checkpoint_path} (continue with --resume {log.checkpoint_path})", flush=True)
-            break
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-
-    if not (stop_signal or diverged):
-        diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
-    if not (stop_signal or diverged):
-        final_returns = log.evaluate(evaluate, q_network, global_step)
-        print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
-              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
-        if args.save_model:
-            log.save_model(q_network, game.n_actions)
-    log.close(diverged)
-    if diverged:
-        kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"
-                if log.last_checkpoint_step is not None else "no checkpoint was written")
-        raise TrainingDiverged(f"training diverged: {diverged}; {kept}; try a smaller --learning-rate")
-    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": log.run_dir,
-            "replay": replay, "q_network": q_network, "global_step": global_step}
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ the first in a worker process (on a GPU, --replay-on-gpu keeps the replay in GPU
 learned a little (README's results say how much); with one game and no overlap, this is dqn_atari.py.
 
 Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the training device, the replay,
-the network and the TD update, evaluation, the speed-ups attached around the update (--bf16, CUDA graphs),
-checkpoints, the run's files, and train(), whose loop reads as the algorithm: act, step, store, learn, sync.
+the network and the TD update, evaluation, the speed-ups attached around the update (--bf16, CUDA graphs), the
+several games, and train(), whose loop reads as the algorithm: act, step, store, learn, sync. Below it: the
+checkpoints and the run's files that train() writes, out of the algorithm's reading path.
 "The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
@@ -902,6 +903,167 @@ class Games:
             worker.join()
 
 
+# ---- Training ----------------------------------------------------------------------------------------------
+def weights_not_finite(network: nn.Module, step: int) -> str:
+    """What went non-finite in the network's weights at `step`, if anything (as RunLog.update says of the loss)."""
+    if all(torch.isfinite(parameter).all() for parameter in network.parameters()):
+        return ""
+    return f"at step {step:,} the network's weights are not finite"
+
+
+def train(args: Args, argv: Optional[list[str]] = None) -> dict:
+    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir, replay, network and
+    steps done."""
+    args, checkpoint = read_resume(args, argv or [])
+    check_args(args)
+    seed_everything(args.seed, args.torch_deterministic)
+    threads_before = torch.get_num_threads()
+    if args.num_envs > 1:  # torch's threads spinning on every core would starve the workers' emulators
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, min(threads_before, cores - (args.num_envs - 1))))
+    keep_freed_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
+        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
+              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
+    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
+    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
+    replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
+    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
+          f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
+    games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
+                  args.repeat_action_probability)  # after the replay, whose memory its workers must leave
+    preprocess = FramePreprocessor(games.raw_shape, device)
+    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
+    q_network = QNetwork(games.n_actions).to(device)
+    target_network = QNetwork(games.n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_network.requires_grad_(False)
+    if args.channels_last:  # the convolutions take their input in the weights' order
+        for network in (q_network, target_network):
+            network.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(args, q_network)
+    action_rng = np.random.default_rng(action_seed)
+    recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
+    global_step, updates_begin_at = 0, args.learning_starts  # updates run at the steps after updates_begin_at
+    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
+    if checkpoint is None:
+        obs = first_stack(preprocess(games.reset()))  # (games, 4, 84, 84)
+    else:
+        global_step, obs, updates_begin_at, exploration_steps = restore_checkpoint(
+            checkpoint, args, q_network, target_network, optimizer, games, replay, action_rng, recent_returns, device)
+
+    # the update and the greedy action as the loop calls them; --bf16 and CUDA graphs attach around them
+    online, target = q_network, target_network
+    if args.bf16:
+        online, target = bf16_forward(q_network), bf16_forward(target_network)
+
+    def update(*batch):
+        return td_update(online, target, optimizer, batch, args.gamma, args.max_grad_norm)
+
+    def act(obs):
+        return q_network(obs).argmax(dim=1)
+
+    if args.cuda_graphs and device.type == "cuda":
+        optimizer.param_groups[0]["capturable"] = True  # Adam's step count stays on the GPU, as a recording needs
+        update, act = CudaGraphed(update), CudaGraphed(act)
+    learner = None  # --overlap-updates: the learner thread, which then makes the updates
+    if args.overlap_updates and device.type == "cpu":
+        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        update = learner = OverlappedUpdates(
+            lambda batch, targets: td_gradients(online, optimizer, batch[0], batch[1], targets, args.max_grad_norm),
+            lambda batch: td_target(target, *batch[2:], args.gamma), optimizer)
+        if checkpoint is not None and checkpoint["learner_batch"] is not None:  # the gradient in flight, again
+            learner.start(checkpoint["learner_batch"])
+
+    log = RunLog(args, checkpoint)
+    stop_signal = []  # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
+    previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    game_returns, final_returns, diverged = [], None, ""  # diverged: what went non-finite, and when
+    log.start_clock()
+    while global_step < args.total_timesteps:
+        # act: epsilon-greedy, epsilon falling linearly over the first exploration_fraction of the run; this pass
+        # steps every game once (env steps global_step + 1 .. global_step + num_envs)
+        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step + 1)
+        with torch.no_grad():
+            actions = epsilon_greedy(act, obs, epsilon, games.n_actions, action_rng)
+        # step the games (each repeats its action frame_skip times) and shrink their frames on the device
+        outcomes = games.step(actions)
+        frames = preprocess(games.step_frames)
+        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
+        for k, outcome in enumerate(outcomes):
+            # store. The reward clipped to its sign (Nature): one scale of TD error across games. At truncation
+            # the final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
+            replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated, k in ended,
+                       frames[k], game=k)
+            if outcome.game_over:
+                log.game_over(outcome.game_return, outcome.game_length, global_step + k + 1)
+                recent_returns.append(outcome.game_return)
+                game_returns.append(outcome.game_return)
+        obs = torch.cat([obs[:, 1:], frames.unsqueeze(1)], dim=1)
+        if ended:
+            obs[ended] = first_stack(preprocess(games.reset_frames[ended]))
+
+        # learn and sync, at each env step of this pass
+        for step in range(global_step + 1, global_step + args.num_envs + 1):
+            if step > updates_begin_at and step % args.train_frequency == 0:
+                loss_and_q = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call
+                if step % LOG_EVERY < args.train_frequency and loss_and_q is not None:
+                    diverged = log.update(step, *loss_and_q, epsilon)
+                    if diverged:
+                        break
+            # sync the target network; the article's step counter was never incremented, so its target never moved
+            if step % args.target_network_frequency == 0:
+                target_network.load_state_dict(q_network.state_dict())
+                if learner is not None:  # the gradient in flight needs the new target network's targets
+                    learner.retarget()
+        if diverged:
+            break
+        previous_step, global_step = global_step, global_step + args.num_envs
+
+        # evaluate, report, checkpoint
+        if passes_multiple_of(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
+            log.evaluate(evaluate, q_network, global_step)
+        if passes_multiple_of(args.progress_every, previous_step, global_step):
+            log.progress(global_step, epsilon, recent_returns, updates_begin_at)
+        if passes_multiple_of(args.checkpoint_every, previous_step, global_step) or stop_signal:
+            diverged = weights_not_finite(q_network, global_step)
+            if diverged:
+                break  # a NaN between two loss reads: the last good checkpoint stays
+            log.checkpoint(make_checkpoint(args, global_step, log, q_network, target_network, optimizer, games, obs,
+                                           replay, action_rng, recent_returns, updates_begin_at, exploration_steps,
+                                           learner))
+        if stop_signal:
+            print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
+                  f"{log.checkpoint_path} (continue with --resume {log.checkpoint_path})", flush=True)
+            break
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+
+    if not (stop_signal or diverged):
+        diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
+    if not (stop_signal or diverged):
+        # past total_timesteps if num_envs does not divide it
+        final_returns = log.evaluate(evaluate, q_network, global_step)
+        print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
+              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
+        if args.save_model:
+            log.save_model(q_network, games.n_actions)
+    games.close()
+    if learner is not None:
+        learner.close()
+    torch.set_num_threads(threads_before)
+    log.close(diverged)
+    if diverged:
+        kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"
+                if log.last_checkpoint_step is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged: {diverged}; {kept}; try a smaller --learning-rate")
+    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": log.run_dir,
+            "replay": replay, "q_network": q_network, "global_step": global_step}
+
+
 # ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------
 CHECKPOINT_FORMAT = "dqn_atari_parallel checkpoint 1"
 OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn_atari.py reads them
@@ -1310,167 +1472,6 @@ class RunLog:
         if self.tracking is not None:
             self.tracking.finish(exit_code=1 if diverged else 0)
         os.close(self.lock)
-
-
-# ---- Training ----------------------------------------------------------------------------------------------
-def weights_not_finite(network: nn.Module, step: int) -> str:
-    """What went non-finite in the network's weights at `step`, if anything (as RunLog.update says of the loss)."""
-    if all(torch.isfinite(parameter).all() for parameter in network.parameters()):
-        return ""
-    return f"at step {step:,} the network's weights are not finite"
-
-
-def train(args: Args, argv: Optional[list[str]] = None) -> dict:
-    """Trains (or resumes) one agent; returns its final eval returns, game returns, run dir, replay, network and
-    steps done."""
-    args, checkpoint = read_resume(args, argv or [])
-    check_args(args)
-    seed_everything(args.seed, args.torch_deterministic)
-    threads_before = torch.get_num_threads()
-    if args.num_envs > 1:  # torch's threads spinning on every core would starve the workers' emulators
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, min(threads_before, cores - (args.num_envs - 1))))
-    keep_freed_memory()
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
-        print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
-              "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
-    # seeds of their own: generators seeded with the same number (the game's no-ops) draw the same numbers
-    replay_seed, action_seed = np.random.SeedSequence(args.seed).spawn(2)
-    replay = FrameReplay(args.buffer_size, device, replay_seed, games=args.num_envs, on_device=args.replay_on_gpu)
-    print(f"replay: {args.buffer_size:,} frames of {FRAME_SIZE}x{FRAME_SIZE} uint8, {replay.nbytes / 1e9:.2f} GB"
-          f"{' pinned' if replay.pinned else ''} on {replay.frames.device}", flush=True)
-    games = Games(args.num_envs, args.env_id, args.seed, args.frame_skip, args.noop_max,
-                  args.repeat_action_probability)  # after the replay, whose memory its workers must leave
-    preprocess = FramePreprocessor(games.raw_shape, device)
-    evaluate = Evaluator(args, preprocess, args.seed + 10_000)
-    q_network = QNetwork(games.n_actions).to(device)
-    target_network = QNetwork(games.n_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    target_network.requires_grad_(False)
-    if args.channels_last:  # the convolutions take their input in the weights' order
-        for network in (q_network, target_network):
-            network.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(args, q_network)
-    action_rng = np.random.default_rng(action_seed)
-    recent_returns = deque(maxlen=100)  # the progress line's last 100 training games
-    global_step, updates_begin_at = 0, args.learning_starts  # updates run at the steps after updates_begin_at
-    exploration_steps = int(args.exploration_fraction * args.total_timesteps)
-    if checkpoint is None:
-        obs = first_stack(preprocess(games.reset()))  # (games, 4, 84, 84)
-    else:
-        global_step, obs, updates_begin_at, exploration_steps = restore_checkpoint(
-            checkpoint, args, q_network, target_network, optimizer, games, replay, action_rng, recent_returns, device)
-
-    # the update and the greedy action as the loop calls them; --bf16 and CUDA graphs attach around them
-    online, target = q_network, target_network
-    if args.bf16:
-        online, target = bf16_forward(q_network), bf16_forward(target_network)
-
-    def update(*batch):
-        return td_update(online, target, optimizer, batch, args.gamma, args.max_grad_norm)
-
-    def act(obs):
-        return q_network(obs).argmax(dim=1)
-
-    if args.cuda_graphs and device.type == "cuda":
-        optimizer.param_groups[0]["capturable"] = True  # Adam's step count stays on the GPU, as a recording needs
-        update, act = CudaGraphed(update), CudaGraphed(act)
-    learner = None  # --overlap-updates: the learner thread, which then makes the updates
-    if args.overlap_updates and device.type == "cpu":
-        # torch's thread count holds for every thread of the process: each of the two gets half the cores' worth
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-        update = learner = OverlappedUpdates(
-            lambda batch, targets: td_gradients(online, optimizer, batch[0], batch[1], targets, args.max_grad_norm),
-            lambda batch: td_target(target, *batch[2:], args.gamma), optimizer)
-        if checkpoint is not None and checkpoint["learner_batch"] is not None:  # the gradient in flight, again
-            learner.start(checkpoint["learner_batch"])
-
-    log = RunLog(args, checkpoint)
-    stop_signal = []  # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
-    previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-    game_returns, final_returns, diverged = [], None, ""  # diverged: what went non-finite, and when
-    log.start_clock()
-    while global_step < args.total_timesteps:
-        # act: epsilon-greedy, epsilon falling linearly over the first exploration_fraction of the run; this pass
-        # steps every game once (env steps global_step + 1 .. global_step + num_envs)
-        epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step + 1)
-        with torch.no_grad():
-            actions = epsilon_greedy(act, obs, epsilon, games.n_actions, action_rng)
-        # step the games (each repeats its action frame_skip times) and shrink their frames on the device
-        outcomes = games.step(actions)
-        frames = preprocess(games.step_frames)
-        ended = [k for k, outcome in enumerate(outcomes) if outcome.terminated or outcome.truncated]
-        for k, outcome in enumerate(outcomes):
-            # store. The reward clipped to its sign (Nature): one scale of TD error across games. At truncation
-            # the final frame is stored, so the bootstrap from it is correct; only `terminated` cuts it.
-            replay.add(obs[k, -1], actions[k], float(np.sign(outcome.reward)), outcome.terminated, k in ended,
-                       frames[k], game=k)
-            if outcome.game_over:
-                log.game_over(outcome.game_return, outcome.game_length, global_step + k + 1)
-                recent_returns.append(outcome.game_return)
-                game_returns.append(outcome.game_return)
-        obs = torch.cat([obs[:, 1:], frames.unsqueeze(1)], dim=1)
-        if ended:
-            obs[ended] = first_stack(preprocess(games.reset_frames[ended]))
-
-        # learn and sync, at each env step of this pass
-        for step in range(global_step + 1, global_step + args.num_envs + 1):
-            if step > updates_begin_at and step % args.train_frequency == 0:
-                loss_and_q = update(*replay.sample(args.batch_size))  # OverlappedUpdates: None at its first call
-                if step % LOG_EVERY < args.train_frequency and loss_and_q is not None:
-                    diverged = log.update(step, *loss_and_q, epsilon)
-                    if diverged:
-                        break
-            # sync the target network; the article's step counter was never incremented, so its target never moved
-            if step % args.target_network_frequency == 0:
-                target_network.load_state_dict(q_network.state_dict())
-                if learner is not None:  # the gradient in flight needs the new target network's targets
-                    learner.retarget()
-        if diverged:
-            break
-        previous_step, global_step = global_step, global_step + args.num_envs
-
-        # evaluate, report, checkpoint
-        if passes_multiple_of(args.eval_every, previous_step, global_step) and global_step < args.total_timesteps:
-            log.evaluate(evaluate, q_network, global_step)
-        if passes_multiple_of(args.progress_every, previous_step, global_step):
-            log.progress(global_step, epsilon, recent_returns, updates_begin_at)
-        if passes_multiple_of(args.checkpoint_every, previous_step, global_step) or stop_signal:
-            diverged = weights_not_finite(q_network, global_step)
-            if diverged:
-                break  # a NaN between two loss reads: the last good checkpoint stays
-            log.checkpoint(make_checkpoint(args, global_step, log, q_network, target_network, optimizer, games, obs,
-                                           replay, action_rng, recent_returns, updates_begin_at, exploration_steps,
-                                           learner))
-        if stop_signal:
-            print(f"stopped by signal {stop_signal[0]} at step {global_step:,}; checkpoint written to "
-                  f"{log.checkpoint_path} (continue with --resume {log.checkpoint_path})", flush=True)
-            break
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-
-    if not (stop_signal or diverged):
-        diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
-    if not (stop_signal or diverged):
-        # past total_timesteps if num_envs does not divide it
-        final_returns = log.evaluate(evaluate, q_network, global_step)
-        print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
-              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
-        if args.save_model:
-            log.save_model(q_network, games.n_actions)
-    games.close()
-    if learner is not None:
-        learner.close()
-    torch.set_num_threads(threads_before)
-    log.close(diverged)
-    if diverged:
-        kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"
-                if log.last_checkpoint_step is not None else "no checkpoint was written")
-        raise TrainingDiverged(f"training diverged: {diverged}; {kept}; try a smaller --learning-rate")
-    return {"final_returns": final_returns, "game_returns": game_returns, "run_dir": log.run_dir,
-            "replay": replay, "q_network": q_network, "global_step": global_step}
 
 
 def main() -> None:
