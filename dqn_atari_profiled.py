@@ -909,58 +909,6 @@ OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn
                               "3d1869b"}
 
 
-# what the fields that every checkpoint has must hold: a file edited by hand, or from another version, is refused
-# naming the field rather than failing deep in a restore
-CHECKPOINT_FIELDS = {"args": (dict,), "global_step": (int,), "wall_seconds": (float,), "last_eval": (float,),
-                     "wandb_run_id": (str, type(None)), "updates_begin_at": (int,), "exploration_steps": (int,),
-                     "q_network": (dict,), "target_network": (dict,), "optimizer": (dict,), "obs": (torch.Tensor,),
-                     "replay": (dict, type(None)), "recent_returns": (list,), "action_rng": (dict,)}
-
-
-def check_as_written(loaded, written, field: str) -> None:
-    """Refuses, naming the field, a loaded piece whose keys, types or tensor shapes differ from what this version
-    writes in its place (another version's file, or one edited by hand), before any of it is restored."""
-    if isinstance(written, dict) and isinstance(loaded, dict):
-        missing, unknown = written.keys() - loaded.keys(), loaded.keys() - written.keys()
-        if missing or unknown:
-            raise ConfigError(f"its field {field!r} " + (f"lacks {sorted(map(str, missing))}" if missing else
-                                                         f"has {sorted(map(str, unknown))}, which this version lacks"))
-        for key in written:
-            check_as_written(loaded[key], written[key], f"{field}.{key}")
-    elif isinstance(written, list) and isinstance(loaded, list):
-        if len(loaded) != len(written):
-            raise ConfigError(f"its field {field!r} holds {len(loaded)} entries, not {len(written)}")
-        for index, (loaded_item, written_item) in enumerate(zip(loaded, written)):
-            check_as_written(loaded_item, written_item, f"{field}.{index}")
-    elif isinstance(written, torch.Tensor) and isinstance(loaded, torch.Tensor):
-        if loaded.dtype != written.dtype:
-            raise ConfigError(f"its field {field!r} holds {loaded.dtype} values, not {written.dtype}")
-        if loaded.shape != written.shape:
-            raise ConfigError(f"its field {field!r} has the shape {tuple(loaded.shape)}, not {tuple(written.shape)}")
-    elif type(loaded) is not type(written) or (isinstance(written, str) and loaded != written):
-        raise ConfigError(f"its field {field!r} holds {loaded!r:.40}, where this version writes a value of the type "
-                          f"{type(written).__name__}{f' ({written!r})' if isinstance(written, str) else ''}")
-
-
-def takes(value, annotation) -> bool:
-    """Whether a flag of the type `annotation` (int, Optional[float], a Literal...) can hold `value`."""
-    if get_origin(annotation) is Literal:
-        return value in get_args(annotation)
-    if get_origin(annotation) is Union:
-        return any(takes(value, option) for option in get_args(annotation))
-    return type(value) is annotation or (annotation is float and type(value) is int)
-
-
-def emulator_state(saved) -> ale_py.ALEState:
-    """An emulator state from the bytes AtariGame.state() keeps; anything else is refused."""
-    if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1:
-        try:
-            return ale_py.ALEState(saved.numpy().tobytes())
-        except Exception:  # ale-py raises SystemError for bytes that are not one of its states
-            pass
-    raise ConfigError(f"the emulator state ({type(saved).__name__}) is not one ale-py can read")
-
-
 def make_checkpoint(args: Args, global_step: int, log, q_network, target_network, optimizer, game: AtariGame,
                     obs: torch.Tensor, replay: FrameReplay, action_rng, recent_returns: deque,
                     updates_begin_at: int, exploration_steps: int) -> dict:
@@ -1137,6 +1085,58 @@ def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
     print(f"resuming {os.path.dirname(os.path.abspath(args.resume))} at step {checkpoint['global_step']:,}",
           flush=True)
     return resumed, checkpoint
+
+
+# what the fields that every checkpoint has must hold: a file edited by hand, or from another version, is refused
+# naming the field rather than failing deep in a restore
+CHECKPOINT_FIELDS = {"args": (dict,), "global_step": (int,), "wall_seconds": (float,), "last_eval": (float,),
+                     "wandb_run_id": (str, type(None)), "updates_begin_at": (int,), "exploration_steps": (int,),
+                     "q_network": (dict,), "target_network": (dict,), "optimizer": (dict,), "obs": (torch.Tensor,),
+                     "replay": (dict, type(None)), "recent_returns": (list,), "action_rng": (dict,)}
+
+
+def check_as_written(loaded, written, field: str) -> None:
+    """Refuses, naming the field, a loaded piece whose keys, types or tensor shapes differ from what this version
+    writes in its place (another version's file, or one edited by hand), before any of it is restored."""
+    if isinstance(written, dict) and isinstance(loaded, dict):
+        missing, unknown = written.keys() - loaded.keys(), loaded.keys() - written.keys()
+        if missing or unknown:
+            raise ConfigError(f"its field {field!r} " + (f"lacks {sorted(map(str, missing))}" if missing else
+                                                         f"has {sorted(map(str, unknown))}, which this version lacks"))
+        for key in written:
+            check_as_written(loaded[key], written[key], f"{field}.{key}")
+    elif isinstance(written, list) and isinstance(loaded, list):
+        if len(loaded) != len(written):
+            raise ConfigError(f"its field {field!r} holds {len(loaded)} entries, not {len(written)}")
+        for index, (loaded_item, written_item) in enumerate(zip(loaded, written)):
+            check_as_written(loaded_item, written_item, f"{field}.{index}")
+    elif isinstance(written, torch.Tensor) and isinstance(loaded, torch.Tensor):
+        if loaded.dtype != written.dtype:
+            raise ConfigError(f"its field {field!r} holds {loaded.dtype} values, not {written.dtype}")
+        if loaded.shape != written.shape:
+            raise ConfigError(f"its field {field!r} has the shape {tuple(loaded.shape)}, not {tuple(written.shape)}")
+    elif type(loaded) is not type(written) or (isinstance(written, str) and loaded != written):
+        raise ConfigError(f"its field {field!r} holds {loaded!r:.40}, where this version writes a value of the type "
+                          f"{type(written).__name__}{f' ({written!r})' if isinstance(written, str) else ''}")
+
+
+def takes(value, annotation) -> bool:
+    """Whether a flag of the type `annotation` (int, Optional[float], a Literal...) can hold `value`."""
+    if get_origin(annotation) is Literal:
+        return value in get_args(annotation)
+    if get_origin(annotation) is Union:
+        return any(takes(value, option) for option in get_args(annotation))
+    return type(value) is annotation or (annotation is float and type(value) is int)
+
+
+def emulator_state(saved) -> ale_py.ALEState:
+    """An emulator state from the bytes AtariGame.state() keeps; anything else is refused."""
+    if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1:
+        try:
+            return ale_py.ALEState(saved.numpy().tobytes())
+        except Exception:  # ale-py raises SystemError for bytes that are not one of its states
+            pass
+    raise ConfigError(f"the emulator state ({type(saved).__name__}) is not one ale-py can read")
 
 
 # ---- The run's files ---------------------------------------------------------------------------------------
