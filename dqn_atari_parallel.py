@@ -730,7 +730,6 @@ class OverlappedUpdates:
         self.learner.shutdown(wait=True)
 
 
-
 def keep_freed_memory() -> bool:
     """glibc keeps freed blocks under 32 MB, so an update does not page-fault its buffers in again; False without."""
     if not sys.platform.startswith("linux"):

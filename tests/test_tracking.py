@@ -116,4 +116,3 @@ def test_track_without_wandb_or_without_an_account_stops_at_once_in_one_line(tmp
     online_without_account = {**offline_env(tmp_path), "WANDB_MODE": "online"}
     finished = run_script(script, *short_run, "--track", cwd=tmp_path, env=online_without_account)
     assert_one_line_error(finished, "--track could not start a Weights & Biases run (No API key configured", script)
-
