@@ -6,6 +6,7 @@
 #
 #   benchmark/gpu_check.sh --prepare CLEANRL_CHECKOUT   # here, with network: wheels into .whl/, CleanRL into .cleanrl/
 #   benchmark/gpu_check.sh OUT_DIR                      # there, with .whl and .cleanrl carried beside the tree
+#   benchmark/gpu_check.sh --one-game-threads N OUT_DIR # there: only the one-game comparison, N torch threads on N cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,11 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 
+threads=""  # --one-game-threads N: speed.py's --threads for a one-game comparison alone (one call's time allows it)
+if [ "${1:-}" = "--one-game-threads" ]; then
+    threads=${2:?give a number of threads}
+    shift 2
+fi
 out=${1:?give a folder for the results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -57,13 +63,17 @@ chmod +x /tmp/cleanrl-python
   git log -1 --format='commit %H' 2>/dev/null || true
   echo "CleanRL copy of commit $(cat .cleanrl/COMMIT)"; nproc; } 2>&1 | tee "$out/machine.txt"
 
+speed() {  # $1: the results folder's name; the rest: speed.py's options, then -- and dqn_atari_parallel.py's flags
+    python3 benchmark/speed.py --cuda --no-sb3 --repeats 3 --cleanrl .cleanrl --cleanrl-python /tmp/cleanrl-python \
+        --script dqn_atari_parallel.py --out "$out/$1" "${@:2}" 2>&1 | tee "$out/$1.txt"
+}
+if [ -n "$threads" ]; then
+    speed "speed-1-game-$threads-threads" --threads "$threads"
+    exit 0
+fi
 set +e  # a failing test still leaves the speed to measure
 python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_dqn_atari.py tests/test_dqn_atari_parallel.py \
     tests/test_loading_and_failures.py tests/test_dqn.py 2>&1 | tee "$out/gpu-tests.txt"
 set -e
-speed() {  # $1: the results folder's name; the rest: dqn_atari_parallel.py's flags
-    python3 benchmark/speed.py --cuda --no-sb3 --repeats 3 --cleanrl .cleanrl --cleanrl-python /tmp/cleanrl-python \
-        --script dqn_atari_parallel.py --out "$out/$1" -- "${@:2}" 2>&1 | tee "$out/$1.txt"
-}
-speed speed-12-games --num-envs 12 --replay-on-gpu
+speed speed-12-games -- --num-envs 12 --replay-on-gpu
 speed speed-1-game
