@@ -93,9 +93,8 @@ def make_update(bf16: bool, channels_last: bool, compiled: bool, device: torch.d
     target.load_state_dict(online.state_dict())
     target.requires_grad_(False)
     obs, next_obs = torch.randint(0, 256, (2, batch_size, dqn_atari.STACK, 84, 84), dtype=torch.uint8, device=device)
-    if channels_last:
+    if channels_last:  # the batch stays as the replay gives it (NCHW): the convolutions reorder it, and that is timed
         online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
-        obs, next_obs = (x.contiguous(memory_format=torch.channels_last) for x in (obs, next_obs))
     forward = [dqn_atari.bf16_forward(network) if bf16 else network for network in (online, target)]
     if compiled:
         forward = [torch.compile(network) for network in forward]

@@ -390,6 +390,20 @@ def test_update_speed_times_every_variant(tmp_path):
     assert "| bf16 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_update_speed_hands_every_variant_its_batch_as_the_replay_does(monkeypatch):
+    """channels_last weights get NCHW batches, as dqn_atari_parallel.py --channels-last feeds them: the reorder
+    inside the convolutions is part of an update's time (a batch reordered once, untimed, made it look faster)."""
+    import update_speed
+
+    layouts = []
+    monkeypatch.setattr(update_speed.dqn_atari, "td_update",
+                        lambda online, target, optimizer, batch, *rest: layouts.append(
+                            (batch[0].is_contiguous(), batch[3].is_contiguous())))
+    for bf16, channels_last, compiled in update_speed.VARIANTS.values():
+        update_speed.make_update(bf16, channels_last, compiled, torch.device("cpu"))()
+    assert layouts == [(True, True)] * len(update_speed.VARIANTS)
+
+
 def test_update_speed_layers_time_each_layer_and_count_the_update_s_arithmetic(tmp_path):
     import update_speed
 
