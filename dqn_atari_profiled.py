@@ -739,7 +739,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
         print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
               "times slower than float32; drop --bf16 here", file=sys.stderr, flush=True)
-    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, True, args.repeat_action_probability)
+    game = AtariGame(args.env_id, args.seed, args.frame_skip, args.noop_max, end_on_life_loss=True,
+                     repeat_action_probability=args.repeat_action_probability)
     preprocess = FramePreprocessor(game.raw.shape[1:], device)
     evaluate = Evaluator(args, preprocess, args.seed + 10_000)
     q_network = QNetwork(game.n_actions).to(device)
