@@ -5,7 +5,6 @@ learner pieces shared with dqn.py are tested in test_learner.py."""
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
