@@ -6,7 +6,10 @@
 #
 #   benchmark/gpu_check.sh --prepare CLEANRL_CHECKOUT   # here, with network: wheels into .whl/, CleanRL into .cleanrl/
 #   benchmark/gpu_check.sh OUT_DIR                      # there, with .whl and .cleanrl carried beside the tree
-#   benchmark/gpu_check.sh --one-game-threads N OUT_DIR # there: only the one-game comparison, N torch threads on N cores
+#   benchmark/gpu_check.sh --tests OUT_DIR              # there: the GPU tests alone
+#   benchmark/gpu_check.sh --speed NAME OUT_DIR [SPEED_PY_OPTIONS] [-- FLAGS]  # there: one comparison alone, as
+#                                                       # OUT_DIR/NAME (e.g. --threads 4, or -- --num-envs 12)
+# One 600 s call holds the whole check, or the tests and two comparisons of 12 games, or two of one game.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,16 +39,19 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 
-threads=""  # --one-game-threads N: speed.py's --threads for a one-game comparison alone (one call's time allows it)
-if [ "${1:-}" = "--one-game-threads" ]; then
-    threads=${2:?give a number of threads}
-    shift 2
-fi
+mode=all name=""
+case "${1:-}" in
+    --tests) mode=tests; shift ;;
+    --speed) mode=speed; name=${2:?give the comparison a name}; shift 2 ;;
+esac
 out=${1:?give a folder for the results}
+shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-install() {
+install() {  # once per machine: a later call there finds the packages in place
+    [ -e "$2/.installed" ] && return
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" .whl/"$1"/*.whl
+    touch "$2/.installed"
 }
 install ours /tmp/site
 install cleanrl /tmp/cleanrl-site
@@ -67,13 +73,15 @@ speed() {  # $1: the results folder's name; the rest: speed.py's options, then -
     python3 benchmark/speed.py --cuda --no-sb3 --repeats 3 --cleanrl .cleanrl --cleanrl-python /tmp/cleanrl-python \
         --script dqn_atari_parallel.py --out "$out/$1" "${@:2}" 2>&1 | tee "$out/$1.txt"
 }
-if [ -n "$threads" ]; then
-    speed "speed-1-game-$threads-threads" --threads "$threads"
-    exit 0
-fi
-set +e  # a failing test still leaves the speed to measure
-python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_dqn_atari.py tests/test_dqn_atari_parallel.py \
-    tests/test_loading_and_failures.py tests/test_dqn.py 2>&1 | tee "$out/gpu-tests.txt"
-set -e
-speed speed-12-games -- --num-envs 12 --replay-on-gpu
-speed speed-1-game
+tests() {
+    python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_dqn_atari.py tests/test_dqn_atari_parallel.py \
+        tests/test_loading_and_failures.py tests/test_dqn.py 2>&1 | tee "$out/gpu-tests.txt"
+}
+case "$mode" in
+    tests) tests ;;
+    speed) speed "$name" "$@" ;;
+    all)
+        tests || true  # a failing test still leaves the speed to measure
+        speed speed-12-games -- --num-envs 12 --replay-on-gpu
+        speed speed-1-game ;;
+esac
