@@ -348,19 +348,6 @@ def available_memory_bytes() -> Optional[int]:
         return None  # not Linux: no check
 
 
-def to_device_in_one_copy(arrays: tuple, device: torch.device) -> list:
-    """numpy arrays as tensors on the device. On CUDA they cross in one pinned non_blocking copy: a pageable copy
-    of each made the CPU wait for the GPU's queued updates at every batch."""
-    if device.type != "cuda":
-        return [torch.from_numpy(array) for array in arrays]
-    ends = np.cumsum([array.nbytes for array in arrays])  # each array's bytes end where the next one's begin
-    host = torch.empty(int(ends[-1]), dtype=torch.uint8, pin_memory=True)
-    for array, part in zip(arrays, np.split(host.numpy(), ends[:-1])):
-        part.view(array.dtype)[:] = array
-    on_device = host.to(device, non_blocking=True)  # torch keeps the pinned block until the copy is done
-    return [on_device[end - array.nbytes:end].view(torch.from_numpy(array).dtype) for array, end in zip(arrays, ends)]
-
-
 class FrameReplay:
     """A ring of single 84x84 uint8 frames, each stored once (not 8 times in (s, s') stacks); stacks are rebuilt
     when sampled. Slot i holds s_t's newest frame with a_t, r_t and terminated_t; s_{t+1}'s is in slot i+1. An
@@ -469,17 +456,17 @@ class FrameReplay:
     def batch(self, idx: np.ndarray):
         """(obs, actions, rewards, next_obs, terminated) of the transitions at idx, on the device; obs are uint8
         (batch, 4, 84, 84), gathered in one index_select over both stacks of each transition."""
-        slots = np.concatenate([self.stack_slots(idx), self.stack_slots(self.shift(idx, 1))], axis=1).reshape(-1)
-        slots_on_device, actions, rewards, terminated = to_device_in_one_copy(
-            (slots, self.actions[idx], self.rewards[idx], self.terminated[idx].astype(np.float32)), self.device)
+        slots = torch.from_numpy(np.concatenate([self.stack_slots(idx), self.stack_slots(self.shift(idx, 1))], axis=1))
         if self.frames.device.type == "cuda":  # gathered where the frames are, with no copy over the bus
-            stacks = self.frames.index_select(0, slots_on_device)
+            stacks = self.frames.index_select(0, slots.reshape(-1).to(self.frames.device))
         else:
-            stacks = torch.empty((len(slots), FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
-            torch.index_select(self.frames, 0, torch.from_numpy(slots), out=stacks)
+            stacks = torch.empty((slots.numel(), FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, pin_memory=self.pinned)
+            torch.index_select(self.frames, 0, slots.reshape(-1), out=stacks)
             # non_blocking from pinned memory; torch keeps the pinned block until its copy is done
             stacks = stacks.to(self.device, non_blocking=True)
         stacks = stacks.view(len(idx), 2 * STACK, FRAME_SIZE, FRAME_SIZE)
+        actions, rewards = (torch.from_numpy(array[idx]).to(self.device) for array in (self.actions, self.rewards))
+        terminated = torch.from_numpy(self.terminated[idx].astype(np.float32)).to(self.device)
         return stacks[:, :STACK], actions, rewards, stacks[:, STACK:], terminated
 
     def sample(self, batch_size: int):
