@@ -250,13 +250,12 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_once_at_the_start(tmp_path, capsys
     assert len(warnings) == int(warned), warnings
 
 
-# 20 updates in each precision in a fresh process (the suite's earlier tests leave a fragmented heap and threads of
-# their own), printing each update's minor page faults; argv[1] "keep" calls keep_freed_memory() first
+# 20 updates in each precision after keep_freed_memory(), in a fresh process (the suite's earlier tests leave a
+# fragmented heap and threads of their own), printing each update's minor page faults
 PAGE_FAULTS_OF_UPDATES = """
-import json, resource, sys, torch
+import json, resource, torch
 import dqn_atari as atari
-if sys.argv[1] == "keep" and not atari.keep_freed_memory():
-    sys.exit("no glibc malloc")
+atari.keep_freed_memory()
 torch.manual_seed(0)
 online, target = atari.QNetwork(4), atari.QNetwork(4)
 optimizer = torch.optim.Adam(online.parameters(), lr=1e-4, fused=True)
@@ -281,7 +280,7 @@ def test_updates_reuse_freed_memory_instead_of_page_faulting_it_back():
     this took up to 10 updates in bf16, so the last 10 of 20 are judged)."""
     if not atari.keep_freed_memory():
         pytest.skip("no glibc malloc on this platform: nothing to tune")
-    child = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_UPDATES, "keep"], cwd=REPO, capture_output=True,
+    child = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_UPDATES], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     for precision, faults in json.loads(child.stdout.splitlines()[-1]).items():
