@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -165,6 +166,16 @@ def check_args(args: Args) -> None:
             import PIL  # noqa: F401 (here, not at the first evaluation hours later)
         except ImportError:
             raise ConfigError("--capture-video writes GIFs with pillow, not installed: pip install pillow") from None
+    # where the run's files go, tried now: a place they cannot go stops the run before the replay takes its memory
+    place = os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.runs_dir
+    try:
+        if not os.path.exists(place):
+            os.makedirs(place)
+        tempfile.TemporaryFile(dir=place).close()
+    except OSError as error:
+        raise ConfigError(f"cannot write in {'the run directory' if args.resume else '--runs-dir'} {place} "
+                          f"({error.strerror}); " + ("copy the run elsewhere to resume it" if args.resume else
+                                                     "pass a writable --runs-dir")) from None
 
 
 # ---- The game, behind Nature's wrappers --------------------------------------------------------------------

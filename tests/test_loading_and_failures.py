@@ -245,6 +245,15 @@ def test_a_disk_that_fills_at_a_checkpoint_ends_in_one_line_and_leaves_no_tempor
     assert not [name for name in os.listdir(run_dir) if name.startswith("checkpoint")]
 
 
+@pytest.mark.parametrize("script", ["dqn_atari.py", "dqn_atari_parallel.py"])
+def test_a_runs_dir_that_cannot_be_written_is_refused_before_the_replay_is_allocated(script, tmp_path):
+    (tmp_path / "a-file").write_text("")  # a file in the way of the directory
+    finished = run_script(script, "--runs-dir", str(tmp_path / "a-file" / "runs"), "--buffer-size", "1000000",
+                          "--no-cuda", cwd=tmp_path)
+    assert_one_line_error(finished, "(Not a directory); pass a writable --runs-dir", script)
+    assert "replay:" not in finished.stdout  # its 7 GB were never taken
+
+
 def test_a_run_on_a_read_only_disk_ends_in_one_line(own_disk, tmp_path):
     disk = own_disk(64)
     first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30, runs_dir=str(disk)))
