@@ -1,8 +1,8 @@
 """DQN (Mnih et al. 2015) for classic-control gymnasium environments, in one file.
 
 Read top to bottom: the arguments, the pieces (environment, replay, network, schedule, update, evaluation),
-then the training loop in `train()`; below it, saved models and the run's files. `python dqn.py` trains
-CartPole-v1; see README.md for other envs.
+then the training loop in `train()`; below it, the flags' checks, saved models and the run's files.
+`python dqn.py` trains CartPole-v1; see README.md for other envs.
 Comments that cite "the article" mean "Learnings from reproducing DQN for Atari games", the account this project
 grew from: each mistake it describes has a test that fails if it comes back.
 """
@@ -115,36 +115,6 @@ class ConfigError(Exception):
 
 class TrainingDiverged(Exception):
     """Training stopped being finite: the run stops in one line, and writes no model or checkpoint of NaNs."""
-
-
-def check_args(args: Args) -> None:
-    positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "gradient_steps",
-                "target_network_frequency", "eval_episodes", "reward_scale", "learning_rate"]
-    for name in positive:
-        if not getattr(args, name) > 0:  # written so that NaN fails it too
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_every", "progress_every", "max_grad_norm"]:
-        if not getattr(args, name) >= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["start_e", "end_e", "eval_epsilon", "gamma"]:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if not 0.0 < args.exploration_fraction <= 1.0:
-        raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        raise ConfigError(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
-    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
-        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
-    if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
-        raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
-    if args.batch_size > args.buffer_size:
-        raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
-                          f"(--buffer-size {args.buffer_size})")
-    if args.track:
-        try:
-            import wandb  # noqa: F401 (here only to stop at once when it is missing)
-        except ImportError:
-            raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
 
 
 # ---- Environment -------------------------------------------------------------------------------------------
@@ -445,6 +415,37 @@ def evaluate_saved(args: Args) -> np.ndarray:
     print(f"{args.eval_model} on {args.env_id}: {returns.mean():.2f} ± {returns.std():.2f} "
           f"over {len(returns)} episodes")
     return returns
+
+
+# ---- The flags' checks -------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "gradient_steps",
+                "target_network_frequency", "eval_episodes", "reward_scale", "learning_rate"]
+    for name in positive:
+        if not getattr(args, name) > 0:  # written so that NaN fails it too
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_every", "progress_every", "max_grad_norm"]:
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["start_e", "end_e", "eval_epsilon", "gamma"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0.0 < args.exploration_fraction <= 1.0:
+        raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        raise ConfigError(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
+        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
+    if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
+        raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
+    if args.batch_size > args.buffer_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
+                          f"(--buffer-size {args.buffer_size})")
+    if args.track:
+        try:
+            import wandb  # noqa: F401 (here only to stop at once when it is missing)
+        except ImportError:
+            raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
 
 
 # ---- Saved models ------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Nature DQN (Mnih et al. 2015) on Atari through gymnasium and ale-py, in one file.
 
 Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the device, the replay, the
-network and the update, evaluation, the speed-ups around the update, then train(). Below it: the checkpoints and
-the run's files that train() writes, out of the algorithm's reading path.
+network and the update, evaluation, the speed-ups around the update, then train(). Below it, out of the
+algorithm's reading path: the flags' checks, and the checkpoints and the run's files that train() writes.
 "The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
@@ -117,10 +117,6 @@ LOG_EVERY = 100  # env steps between loss logs, as CleanRL
 FRAME_SIZE = 84  # Nature's 84x84 input
 STACK = 4  # Nature's history of 4 frames
 MAX_GAME_FRAMES = 108_000  # 30 minutes of play at 60 Hz: the usual cap on a game (training and evaluation)
-# Flags a resumed run may take from its command line; every other one comes from the checkpoint.
-RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", "progress_every",
-             "checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model",
-             "track", "wandb_project_name", "wandb_entity"}
 
 
 class ConfigError(Exception):
@@ -129,53 +125,6 @@ class ConfigError(Exception):
 
 class TrainingDiverged(Exception):
     """Training stopped being finite: the run stops in one line, and writes no model or checkpoint of NaNs."""
-
-
-def check_args(args: Args) -> None:
-    # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
-    positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
-                "eval_episodes", "frame_skip", "learning_rate", "learning_starts"]
-    for name in positive:
-        if not getattr(args, name) > 0:  # written so that NaN fails it too
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["eval_every", "progress_every", "max_grad_norm", "noop_max", "checkpoint_every"]:
-        if not getattr(args, name) >= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["start_e", "end_e", "eval_epsilon", "gamma", "repeat_action_probability"]:
-        value = getattr(args, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    if not 0.0 < args.exploration_fraction <= 1.0:
-        raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
-    if args.buffer_size < 2 * STACK:  # the ring must hold two stacks
-        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames, got {args.buffer_size}")
-    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
-        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
-    if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
-        raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
-    if args.batch_size > args.buffer_size:
-        raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
-                          f"(--buffer-size {args.buffer_size})")
-    if args.track:
-        try:
-            import wandb  # noqa: F401 (here only to stop at once when it is missing)
-        except ImportError:
-            raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
-    if args.capture_video:
-        try:
-            import PIL  # noqa: F401 (here, not at the first evaluation hours later)
-        except ImportError:
-            raise ConfigError("--capture-video writes GIFs with pillow, not installed: pip install pillow") from None
-    # where the run's files go, tried now: a place they cannot go stops the run before the replay takes its memory
-    place = os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.runs_dir
-    try:
-        if not os.path.exists(place):
-            os.makedirs(place)
-        tempfile.TemporaryFile(dir=place).close()
-    except OSError as error:
-        raise ConfigError(f"cannot write in {'the run directory' if args.resume else '--runs-dir'} {place} "
-                          f"({error.strerror}); " + ("copy the run elsewhere to resume it" if args.resume else
-                                                     "pass a writable --runs-dir")) from None
 
 
 # ---- The game, behind Nature's wrappers --------------------------------------------------------------------
@@ -754,7 +703,59 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             "replay": replay, "q_network": q_network, "global_step": global_step}
 
 
+# ---- The flags' checks -------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    # learning_starts >= 1: the first update then finds at least one transition whose next frame is stored
+    positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
+                "eval_episodes", "frame_skip", "learning_rate", "learning_starts"]
+    for name in positive:
+        if not getattr(args, name) > 0:  # written so that NaN fails it too
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["eval_every", "progress_every", "max_grad_norm", "noop_max", "checkpoint_every"]:
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["start_e", "end_e", "eval_epsilon", "gamma", "repeat_action_probability"]:
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+    if not 0.0 < args.exploration_fraction <= 1.0:
+        raise ConfigError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if args.buffer_size < 2 * STACK:  # the ring must hold two stacks
+        raise ConfigError(f"--buffer-size must be at least {2 * STACK} frames, got {args.buffer_size}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no other
+        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {args.seed}")
+    if "/" in args.exp_name:  # it names the run directory: a '/' would nest it where no tool looks
+        raise ConfigError(f"--exp-name names the run directory and must not contain '/', got {args.exp_name!r}")
+    if args.batch_size > args.buffer_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is larger than the replay "
+                          f"(--buffer-size {args.buffer_size})")
+    if args.track:
+        try:
+            import wandb  # noqa: F401 (here only to stop at once when it is missing)
+        except ImportError:
+            raise ConfigError("--track logs to Weights & Biases, which is not installed: pip install wandb") from None
+    if args.capture_video:
+        try:
+            import PIL  # noqa: F401 (here, not at the first evaluation hours later)
+        except ImportError:
+            raise ConfigError("--capture-video writes GIFs with pillow, not installed: pip install pillow") from None
+    # where the run's files go, tried now: a place they cannot go stops the run before the replay takes its memory
+    place = os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.runs_dir
+    try:
+        if not os.path.exists(place):
+            os.makedirs(place)
+        tempfile.TemporaryFile(dir=place).close()
+    except OSError as error:
+        raise ConfigError(f"cannot write in {'the run directory' if args.resume else '--runs-dir'} {place} "
+                          f"({error.strerror}); " + ("copy the run elsewhere to resume it" if args.resume else
+                                                     "pass a writable --runs-dir")) from None
+
+
 # ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------
+# Flags a resumed run may take from its command line; every other one comes from the checkpoint.
+RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "capture_video", "progress_every",
+             "checkpoint_every", "checkpoint_replay", "resume", "cuda", "cuda_graphs", "save_model",
+             "track", "wandb_project_name", "wandb_entity"}
 CHECKPOINT_FORMAT = "dqn_atari checkpoint 3"
 OLDER_FORMATS = {  # formats this version refuses: why, and the commit whose dqn_atari.py reads them
     "dqn_atari checkpoint 1": "its emulator state is a pickle, which can run code when loaded; continue it, only if "
