@@ -1126,6 +1126,13 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
             check_as_written(checkpoint["replay"], replay.state(), "replay")
         check_as_written(checkpoint["recent_returns"], [0.0] * len(checkpoint["recent_returns"]), "recent_returns")
         check_as_written(checkpoint["action_rng"], action_rng.bit_generator.state, "action_rng")
+        replay_state = checkpoint["replay"] or {}
+        for field, values, high in [("global_step", checkpoint["global_step"], args.total_timesteps),
+                                    ("replay.positions", replay_state.get("positions", []), replay.ring - 1),
+                                    ("replay.sizes", replay_state.get("sizes", []), replay.ring),
+                                    ("replay.episode_steps", replay_state.get("episode_steps", []), math.inf),
+                                    ("replay.actions", replay_state.get("actions", []), games.n_actions - 1)]:
+            check_in_range(field, values, high)
     except ConfigError as error:
         raise ConfigError(f"{args.resume}: {error}") from None
     try:
@@ -1301,6 +1308,14 @@ def check_as_written(loaded, written, field: str) -> None:
     elif type(loaded) is not type(written) or (isinstance(written, str) and loaded != written):
         raise ConfigError(f"its field {field!r} holds {loaded!r:.40}, where this version writes a value of the type "
                           f"{type(written).__name__}{f' ({written!r})' if isinstance(written, str) else ''}")
+
+
+def check_in_range(field: str, values, high) -> None:
+    """Refuses, naming the field, a count or an index below 0 or above `high`: a file edited by hand (its checksum
+    written anew) that would fail mid-run, or silently count wrong."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if values.numel() and not (0 <= values.min() and values.max() <= high):
+        raise ConfigError(f"its field {field!r} holds a value outside [0, {high}]")
 
 
 def takes(value, annotation) -> bool:

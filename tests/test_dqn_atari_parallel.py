@@ -4,6 +4,7 @@ algorithm is tested once, on dqn_atari.py, and the variant's numerics by its fin
 
 import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from torch.nn.utils import parameters_to_vector
 
 import dqn_atari_parallel as parallel
 from conftest import (check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
-                      check_replay_against_a_naive_one, count_calls, frame_with_id, small_args)
+                      check_replay_against_a_naive_one, count_calls, frame_with_id, rewrite, small_args)
 from script_runner import INTERRUPTED, REPO, assert_one_line_error, lines_without_emulator_banners, run_script
 
 CPU = torch.device("cpu")
@@ -147,6 +148,18 @@ def test_a_worker_process_that_stops_answering_stops_the_run_and_leaves_the_chec
     assert not torch.multiprocessing.active_children(), "the silent worker was stopped"
     [run_dir] = os.listdir(tmp_path / "runs")
     assert parallel.load_checkpoint(str(tmp_path / "runs" / run_dir / "checkpoint.pt"))["global_step"] == 100
+
+
+def test_a_checkpoint_whose_ring_counters_were_edited_out_of_range_is_refused_naming_the_field(tmp_path):
+    run = parallel.train(small_args(tmp_path, parallel, num_envs=2, total_timesteps=40, learning_starts=20,
+                                    checkpoint_every=40, checkpoint_replay=True))
+    saved = torch.load(os.path.join(run["run_dir"], "checkpoint.pt"), weights_only=True)
+    for key, value, message in [
+            ("positions", torch.tensor([0, 300]), "'replay.positions' holds a value outside [0, 299]"),
+            ("sizes", torch.tensor([-1, 20]), "'replay.sizes' holds a value outside [0, 300]")]:
+        path = rewrite({**saved, "replay": {**saved["replay"], key: value}}, tmp_path / f"{key}.pt", parallel)
+        with pytest.raises(parallel.ConfigError, match=re.escape(message)):
+            parallel.train(parallel.Args(resume=path), ["--resume", path])
 
 
 def test_updates_due_before_every_game_has_stored_a_transition_are_refused(tmp_path):

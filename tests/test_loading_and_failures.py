@@ -148,7 +148,15 @@ def test_a_checkpoint_edited_by_hand_is_refused_in_one_line_naming_the_field(rea
             ("args", {**real_checkpoint["args"], "learning_starts": "20"},
              "its flag --learning-starts holds '20', which this version's flag does not take"),
             ("args", {**real_checkpoint["args"], "optimizer": "sgd"},
-             "its flag --optimizer holds 'sgd', which this version's flag does not take")]:
+             "its flag --optimizer holds 'sgd', which this version's flag does not take"),
+            # in range: each would have failed mid-run (an index past the ring, a negative count), or run on wrongly
+            ("replay", {**real_checkpoint["replay"], "position": 10**9},
+             "its field 'replay.position' holds a value outside [0, 599]"),
+            ("replay", {**real_checkpoint["replay"], "actions": real_checkpoint["replay"]["actions"] + 99},
+             "its field 'replay.actions' holds a value outside [0, 3]"),
+            ("replay", {**real_checkpoint["replay"], "episode_steps": -3},
+             "its field 'replay.episode_steps' holds a value outside [0, inf]"),
+            ("global_step", -100, "its field 'global_step' holds a value outside [0, 120]")]:
         path = rewrite({**real_checkpoint, field: value}, tmp_path / f"{field}.pt")
         with pytest.raises(atari.ConfigError, match=re.escape(message)):
             atari.train(atari.Args(resume=path), ["--resume", path])
