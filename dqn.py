@@ -418,6 +418,8 @@ def evaluate_saved(args: Args) -> np.ndarray:
 
 
 # ---- The flags' checks -------------------------------------------------------------------------------------
+
+
 def check_args(args: Args) -> None:
     positive = ["total_timesteps", "buffer_size", "batch_size", "train_frequency", "gradient_steps",
                 "target_network_frequency", "eval_episodes", "reward_scale", "learning_rate"]
