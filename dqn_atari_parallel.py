@@ -1066,9 +1066,8 @@ def check_args(args: Args) -> None:
             os.makedirs(place)
         tempfile.TemporaryFile(dir=place).close()
     except OSError as error:
-        raise ConfigError(f"cannot write in {'the run directory' if args.resume else '--runs-dir'} {place} "
-                          f"({error.strerror}); " + ("copy the run elsewhere to resume it" if args.resume else
-                                                     "pass a writable --runs-dir")) from None
+        fix = "copy the run elsewhere to resume it" if args.resume else "pass a writable --runs-dir"
+        raise ConfigError(f"cannot write in {place} ({error.strerror}); {fix}") from None
 
 
 # ---- Checkpoints and resume (--checkpoint-every, --resume) -------------------------------------------------

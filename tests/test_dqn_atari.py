@@ -499,7 +499,7 @@ def test_gpu_runs_keep_frames_and_batches_on_the_gpu_and_the_replay_pinned(tmp_p
     (["--learning-starts", "0"], "--learning-starts must be positive, got 0"),
     (["--buffer-size", "100000000"], "a replay of 100,000,000 frames needs 707.10 GB"),
     (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
-    (["--runs-dir", "/dev/null", "--buffer-size", "1000"], "cannot write in --runs-dir /dev/null (Not a directory"),
+    (["--runs-dir", "/dev/null", "--buffer-size", "1000"], "cannot write in /dev/null (Not a directory); pass a writable"),
     (["--seed", "4294967296"], "--seed must be from 0 to 4294967295, got 4294967296"),
     (["--exp-name", "a/b"], "--exp-name names the run directory and must not contain '/', got 'a/b'"),
     (["--batch-size", "64", "--buffer-size", "32"], "--batch-size 64 is larger than the replay (--buffer-size 32)"),

@@ -268,8 +268,8 @@ def test_a_run_on_a_read_only_disk_ends_in_one_line(own_disk, tmp_path):
     path = os.path.join(first["run_dir"], "checkpoint.pt")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     resumed = run_script("dqn_atari.py", "--resume", path, "--total-timesteps", "40", cwd=tmp_path)
-    assert_one_line_error(resumed, f"cannot write in the run directory {first['run_dir']} (Read-only file system)",
-                          "dqn_atari.py")
+    assert_one_line_error(resumed, f"cannot write in {first['run_dir']} (Read-only file system); copy the run "
+                                   "elsewhere to resume it", "dqn_atari.py")
     fresh = run_script("dqn_atari.py", "--total-timesteps", "40", "--buffer-size", "600", "--runs-dir", str(disk),
                        cwd=tmp_path)
     assert_one_line_error(fresh, "(Read-only file system); pass a writable --runs-dir", "dqn_atari.py")
