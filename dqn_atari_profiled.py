@@ -898,7 +898,7 @@ def check_args(args: Args) -> None:
         except ImportError:
             raise ConfigError("--capture-video writes GIFs with pillow, not installed: pip install pillow") from None
     # where the run's files go, tried now: a place they cannot go stops the run before the replay takes its memory
-    place = os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.runs_dir
+    place = os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.abspath(args.runs_dir)
     try:
         if not os.path.exists(place):
             os.makedirs(place)

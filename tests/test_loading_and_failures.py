@@ -262,6 +262,12 @@ def test_a_runs_dir_that_cannot_be_written_is_refused_before_the_replay_is_alloc
     assert "replay:" not in finished.stdout  # its 7 GB were never taken
 
 
+def test_an_empty_runs_dir_is_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    atari.check_args(atari.Args(runs_dir=""))  # as make_run_dir takes it; nothing is left behind
+    assert not os.listdir(tmp_path)
+
+
 def test_a_run_on_a_read_only_disk_ends_in_one_line(own_disk, tmp_path):
     disk = own_disk(64)
     first = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30, runs_dir=str(disk)))
