@@ -797,15 +797,12 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
         check_as_written(checkpoint["obs"], torch.zeros((1, STACK, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8), "obs")
         if checkpoint["replay"] is not None:
             check_as_written(checkpoint["replay"], replay.state(), "replay")
+            for field, high in [("position", replay.capacity - 1), ("size", replay.capacity),
+                                ("episode_steps", math.inf), ("actions", game.n_actions - 1)]:
+                check_in_range(f"replay.{field}", checkpoint["replay"][field], high)
         check_as_written(checkpoint["recent_returns"], [0.0] * len(checkpoint["recent_returns"]), "recent_returns")
         check_as_written(checkpoint["action_rng"], action_rng.bit_generator.state, "action_rng")
-        replay_state = checkpoint["replay"] or {}
-        for field, values, high in [("global_step", checkpoint["global_step"], args.total_timesteps),
-                                    ("replay.position", replay_state.get("position", 0), replay.capacity - 1),
-                                    ("replay.size", replay_state.get("size", 0), replay.capacity),
-                                    ("replay.episode_steps", replay_state.get("episode_steps", 0), math.inf),
-                                    ("replay.actions", replay_state.get("actions", []), game.n_actions - 1)]:
-            check_in_range(field, values, high)
+        check_in_range("global_step", checkpoint["global_step"], args.total_timesteps)
     except ConfigError as error:
         raise ConfigError(f"{args.resume}: {error}") from None
     try:
@@ -1075,7 +1072,7 @@ class RunLog:
                 except ValueError:
                     raise ConfigError(f"{eval_path} has a row that does not start with a step; mend or delete the "
                                       "row to resume") from None
-        try:  # first of the run's files: a directory we cannot write in stops the run here, in one line
+        try:  # first of the run's files: a disk that is full (or went read-only since check_args) stops here
             with open(eval_path + ".tmp", "w", newline="") as new:
                 csv.writer(new).writerows(rows)
             os.replace(eval_path + ".tmp", eval_path)

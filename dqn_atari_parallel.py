@@ -1123,15 +1123,12 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
                                                         dtype=torch.uint8), "obs")
         if checkpoint["replay"] is not None:
             check_as_written(checkpoint["replay"], replay.state(), "replay")
+            for field, high in [("positions", replay.ring - 1), ("sizes", replay.ring),
+                                ("episode_steps", math.inf), ("actions", games.n_actions - 1)]:
+                check_in_range(f"replay.{field}", checkpoint["replay"][field], high)
         check_as_written(checkpoint["recent_returns"], [0.0] * len(checkpoint["recent_returns"]), "recent_returns")
         check_as_written(checkpoint["action_rng"], action_rng.bit_generator.state, "action_rng")
-        replay_state = checkpoint["replay"] or {}
-        for field, values, high in [("global_step", checkpoint["global_step"], args.total_timesteps),
-                                    ("replay.positions", replay_state.get("positions", []), replay.ring - 1),
-                                    ("replay.sizes", replay_state.get("sizes", []), replay.ring),
-                                    ("replay.episode_steps", replay_state.get("episode_steps", []), math.inf),
-                                    ("replay.actions", replay_state.get("actions", []), games.n_actions - 1)]:
-            check_in_range(field, values, high)
+        check_in_range("global_step", checkpoint["global_step"], args.total_timesteps)
     except ConfigError as error:
         raise ConfigError(f"{args.resume}: {error}") from None
     try:
@@ -1409,7 +1406,7 @@ class RunLog:
                 except ValueError:
                     raise ConfigError(f"{eval_path} has a row that does not start with a step; mend or delete the "
                                       "row to resume") from None
-        try:  # first of the run's files: a directory we cannot write in stops the run here, in one line
+        try:  # first of the run's files: a disk that is full (or went read-only since check_args) stops here
             with open(eval_path + ".tmp", "w", newline="") as new:
                 csv.writer(new).writerows(rows)
             os.replace(eval_path + ".tmp", eval_path)
