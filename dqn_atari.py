@@ -6,6 +6,7 @@ algorithm's reading path: the flags' checks, and the checkpoints and the run's f
 "The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
+import copy
 import csv
 import hashlib
 import ctypes
@@ -520,10 +521,19 @@ def write_gif(path: str, frames: list) -> None:
 def bf16_forward(network: QNetwork):
     """--bf16: the update's forward pass with the convolutions and 512-unit layer under bfloat16 autocast. The
     Q head stays float32 (8 bits would round Q near 10 by 0.03, a typical TD error), as do weights and acting."""
+    layers = network.network[:-1]
+    if not network.network[-1].weight.requires_grad:  # the target network: its weights change only when loaded
+        float_layers, layers = layers, copy.deepcopy(layers).to(torch.bfloat16)  # so cast once a sync, not an update
+
+        def cast_again(*_):  # after each load: a target sync or a resume
+            layers.load_state_dict(float_layers.state_dict())
+        network.register_load_state_dict_post_hook(cast_again)
+
     def forward(obs: torch.Tensor) -> torch.Tensor:
-        # no cast cache: each weight is cast once per update anyway, and CUDA graph capture refuses the cache
+        # no cast cache: the online weights change at every update, and CUDA graph capture refuses the cache
         with torch.autocast(obs.device.type, dtype=torch.bfloat16, cache_enabled=False):
-            features = network.network[:-1](obs.float() / 255.0)
+            # the bits of (obs.float() / 255.0) cast to bfloat16, in two passes over the batch where that takes three
+            features = layers(obs.to(torch.bfloat16) / 255.0)
         return network.network[-1](features.float())
     return forward
 

@@ -241,6 +241,28 @@ def test_bf16_update_keeps_float32_weights_head_and_targets_and_steps_like_float
     assert (steps[0].sign() == steps[1].sign()).float().mean() > 0.95
 
 
+def test_bf16_target_network_is_cast_once_a_load_and_gives_the_bits_of_casting_at_every_call():
+    """The target network's bfloat16 copy is refreshed by each load (a sync, a resume); a stale copy would leave
+    the targets of the old weights. The frames' cast must give the bits of obs.float() / 255 cast to bfloat16."""
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
+    values = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal((values.to(torch.bfloat16) / 255.0).view(torch.int16),
+                       (values.float() / 255.0).to(torch.bfloat16).view(torch.int16))
+
+    def cast_at_every_call(network):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            features = network.network[:-1](frames.float() / 255.0)
+        return network.network[-1](features.float())
+
+    target, online = atari.QNetwork(6).requires_grad_(False), atari.QNetwork(6)
+    forward = atari.bf16_forward(target)
+    with torch.no_grad():
+        assert torch.equal(forward(frames), cast_at_every_call(target))
+        target.load_state_dict(online.state_dict())  # a target sync
+        assert torch.equal(forward(frames), cast_at_every_call(online))
+
+
 @pytest.mark.parametrize("bf16, kernels, warned", [(True, False, True), (True, True, False), (False, False, False)])
 def test_bf16_on_a_cpu_that_emulates_it_warns_once_at_the_start(tmp_path, capsys, monkeypatch, bf16, kernels, warned):
     """Without AVX-512 an update under --bf16 took 12 times as long as in float32: a silent trap."""
