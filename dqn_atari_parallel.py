@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin
@@ -511,14 +511,13 @@ def td_target(target_network, rewards, next_obs, terminated, gamma: float) -> to
     return rewards + gamma * next_q * (1.0 - terminated)
 
 
-def td_gradients(q_network, optimizer, obs, actions, targets, max_grad_norm: float):
-    """The Huber TD error's gradient, clipped, left in the online network's .grad (no step). targets() gives the
-    batch's TD targets, called after the online forward pass, so another thread may compute them until then
-    (OverlappedUpdates). Returns (loss, mean Q of the taken actions), both detached."""
+def td_gradients(q_network, optimizer, obs, actions, targets: torch.Tensor, max_grad_norm: float):
+    """The Huber TD error's gradient against the batch's TD targets, clipped, left in the online network's .grad
+    (no step). Returns (loss, mean Q of the taken actions), both detached."""
     q_taken = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
     # smooth_l1 is Huber with delta 1: the paper's TD-error clipping to [-1, 1], at the right scale
     # (the article's hand-written version was off by a factor of 2).
-    loss = F.smooth_l1_loss(q_taken, targets())
+    loss = F.smooth_l1_loss(q_taken, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
@@ -530,8 +529,8 @@ def td_update(q_network, target_network, optimizer, batch, gamma: float, max_gra
     """One gradient step on the Huber TD error of a batch (obs, actions, rewards, next_obs, terminated).
     Returns (loss, mean Q of the taken actions), both detached."""
     obs, actions, rewards, next_obs, terminated = batch
-    loss_and_q = td_gradients(q_network, optimizer, obs, actions,
-                              lambda: td_target(target_network, rewards, next_obs, terminated, gamma), max_grad_norm)
+    targets = td_target(target_network, rewards, next_obs, terminated, gamma)
+    loss_and_q = td_gradients(q_network, optimizer, obs, actions, targets, max_grad_norm)
     optimizer.step()
     return loss_and_q
 
@@ -646,12 +645,13 @@ class OverlappedUpdates:
     """--overlap-updates (CPU): each update's gradient is computed while the loop plays the train_frequency steps
     that follow, and the optimizer's step applies it at the next update step.
 
-    A learner thread runs the online network's forward and backward pass; the loop's thread computes the TD
-    targets meanwhile (the target network's forward pass), then plays. Acting reads the weights the gradient is
-    taken at: only the optimizer's step moves them, in the loop's thread, between two steps of play. A target
-    sync takes the gradient in flight again with the new target network's targets. So the one difference from
-    DQN's order is that an update's batch is drawn train_frequency steps before the update is applied: the newest
-    train_frequency transitions wait for the next batch, and the first update step only starts a gradient.
+    A learner thread runs the online network's forward and backward pass. The loop's thread computes the next
+    batch's TD targets (the target network's forward pass, which needs no online weights) while the learner
+    finishes, then applies the gradient, hands the learner the next one and plays. Acting reads the weights the
+    gradient is taken at: only the optimizer's step moves them, in the loop's thread, between two steps of play.
+    A target sync takes the gradient in flight again with the new target network's targets. So the one difference
+    from DQN's order is that an update's batch is drawn train_frequency steps before the update is applied: the
+    newest train_frequency transitions wait for the next batch, and the first update step only starts a gradient.
 
     Why: on a CPU, a step of play (acting, the emulator, preprocessing) keeps one core busy and leaves the others
     idle, while an update spread over two cores runs far from twice as fast as on one.
@@ -667,23 +667,18 @@ class OverlappedUpdates:
     def __call__(self, *batch: torch.Tensor):
         """Applies the gradient in flight, if any, then starts one on `batch`. Returns the applied update's
         (loss, mean Q), or None."""
+        targets = self.targets(batch)  # first: the learner finishes the gradient in flight meanwhile
         loss_and_q = None
         if self.in_flight is not None:
             loss_and_q = self.in_flight.result()
             self.optimizer.step()
-        self.start(batch)
+        self.start(batch, targets)
         return loss_and_q
 
-    def start(self, batch: tuple) -> None:
-        """Queues the gradient of `batch` in the learner thread, then computes its TD targets here meanwhile."""
+    def start(self, batch: tuple, targets: Optional[torch.Tensor] = None) -> None:
+        """Queues the gradient of `batch` in the learner thread, with its TD targets (computed here if not given)."""
         self.batch = batch
-        targets = Future()
-        try:
-            self.in_flight = self.learner.submit(self.gradients, batch, targets.result)
-            targets.set_result(self.targets(batch))
-        except BaseException as error:  # the learner must not wait forever for targets that will never come
-            targets.set_exception(error)
-            raise
+        self.in_flight = self.learner.submit(self.gradients, batch, self.targets(batch) if targets is None else targets)
 
     def retarget(self) -> None:
         """After a target sync: takes the gradient in flight again, with the new target network's targets (the
