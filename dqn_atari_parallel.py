@@ -101,6 +101,10 @@ class Args:
     """on the CPU, compute each update's gradient in a learner thread while the next train_frequency steps are
     played, and apply it at the next update step: a batch is then drawn train_frequency steps before its update
     is applied (see OverlappedUpdates). The two threads get half the torch threads each. No effect on CUDA"""
+    flush_denormals: bool = False
+    """on the CPU, flush floating-point values below 1.2e-38 to zero. Adam's moments of weights that get no
+    gradient decay into that range, where Intel CPUs take many times as long for each operation; zeroed there,
+    such a value changes no weight. The numbers differ only once a value reaches that range"""
     num_envs: int = 1
     """training games stepped at once, each past the first in a worker process of its own. Every game's
     step counts as one env step, so train_frequency, learning_starts, target_network_frequency and
@@ -882,6 +886,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, min(threads_before, cores - (args.num_envs - 1))))
     keep_freed_memory()
+    if args.flush_denormals:  # before the learner thread starts: a new thread takes its creator's float mode
+        torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.bf16 and device.type == "cpu" and not cpu_has_bf16_kernels():
         print("warning: --bf16 on a CPU without AVX-512, where torch emulates bfloat16: the updates will run many "
@@ -1015,6 +1021,8 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     if learner is not None:
         learner.close()
     torch.set_num_threads(threads_before)
+    if args.flush_denormals:
+        torch.set_flush_denormal(False)
     log.close(diverged)
     if diverged:
         kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"

@@ -244,6 +244,26 @@ def test_overlapped_updates_pass_on_an_error_in_the_targets_and_still_close():
     learner.close()
 
 
+def test_flush_denormals_holds_in_both_threads_while_training_and_is_undone_after(tmp_path, monkeypatch):
+    """--flush-denormals: the loop's thread (the TD targets) and the learner thread (the gradients) both flush
+    a value below 1.2e-38 to zero, as the learner thread takes the mode of the thread that starts it; after the
+    run, this thread keeps such values again."""
+    tiny = torch.tensor(1e-39)
+    seen = {"targets": set(), "gradients": set()}
+
+    def watched(name, function):
+        def call(*args):
+            seen[name].add((tiny * 1.0).item())
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(parallel, "td_target", watched("targets", parallel.td_target))
+    monkeypatch.setattr(parallel, "td_gradients", watched("gradients", parallel.td_gradients))
+    parallel.train(small_args(tmp_path, parallel, overlap_updates=True, flush_denormals=True))
+    assert seen == {"targets": {0.0}, "gradients": {0.0}}
+    assert (tiny * 1.0).item() > 0
+
+
 # ---- resume and signals, with several games and with the learner ----
 
 
