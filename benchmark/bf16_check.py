@@ -1,10 +1,12 @@
-"""Do `--bf16` and `--channels-last` learn as float32 does, from the same point? From a dqn_atari.py checkpoint
-saved with its replay, trains on for `--updates` updates four ways for each seed, all starting from the
-checkpoint's networks and optimizer:
+"""Do `--bf16`, `--channels-last` and `--flush-denormals` learn as float32 does, from the same point? From a
+dqn_atari.py checkpoint saved with its replay, trains on for `--updates` updates five ways for each seed, all
+starting from the checkpoint's networks and optimizer:
 
 - float32;
 - bf16, on the same batches;
 - bf16 with the weights in channels-last order (dqn_atari_parallel.py --bf16 --channels-last), on the same batches;
+- bf16 with values below 1.2e-38 flushed to zero (dqn_atari_parallel.py --bf16 --flush-denormals), on the same
+  batches;
 - float32 on other batches. This is the noise floor: how far two float32 runs drift apart on their own.
 
 Each network is then compared with that seed's float32 one. The report gives the share of `--states` replay
@@ -32,16 +34,17 @@ from run import REPO, command_line, git_commit, output_folder, provenance
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
 
-VARIANTS = {  # name: (bf16, channels_last, batch stream offset)
-    "float32": (False, False, 0),
-    "bf16, same batches": (True, False, 0),
-    "bf16 channels_last, same batches": (True, True, 0),
-    "float32, other batches": (False, False, 1000),
+VARIANTS = {  # name: (bf16, channels_last, flush_denormals, batch stream offset)
+    "float32": (False, False, False, 0),
+    "bf16, same batches": (True, False, False, 0),
+    "bf16 channels_last, same batches": (True, True, False, 0),
+    "bf16 flushing denormals, same batches": (True, False, True, 0),
+    "float32, other batches": (False, False, False, 1000),
 }
 
 
-def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, channels_last: bool, batch_seed: int,
-             updates: int):
+def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, channels_last: bool,
+             flush_denormals: bool, batch_seed: int, updates: int):
     """The checkpoint's networks and optimizer, trained on for `updates` updates; returns (network, losses)."""
     online, target = dqn_atari.QNetwork(n_actions), dqn_atari.QNetwork(n_actions)
     online.load_state_dict(checkpoint["q_network"])
@@ -56,12 +59,16 @@ def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, cha
     sync_every = max(1, run_args.target_network_frequency // run_args.train_frequency)  # in updates
     forward = [dqn_atari.bf16_forward(network) if bf16 else network for network in (online, target)]
     losses = []
-    for update in range(1, updates + 1):
-        loss, _ = dqn_atari.td_update(*forward, optimizer, replay.sample(run_args.batch_size), run_args.gamma,
-                                      run_args.max_grad_norm)
-        losses.append(loss.item())
-        if update % sync_every == 0:
-            target.load_state_dict(online.state_dict())
+    torch.set_flush_denormal(flush_denormals)
+    try:
+        for update in range(1, updates + 1):
+            loss, _ = dqn_atari.td_update(*forward, optimizer, replay.sample(run_args.batch_size), run_args.gamma,
+                                          run_args.max_grad_norm)
+            losses.append(loss.item())
+            if update % sync_every == 0:
+                target.load_state_dict(online.state_dict())
+    finally:
+        torch.set_flush_denormal(False)
     return online, losses
 
 
@@ -100,9 +107,9 @@ def main(argv=None) -> None:
     rows = []
     for seed in range(1, args.seeds + 1):
         networks = {}
-        for name, (bf16, channels_last, offset) in VARIANTS.items():
+        for name, (bf16, channels_last, flush_denormals, offset) in VARIANTS.items():
             networks[name], losses = train_on(checkpoint, run_args, replay, n_actions, bf16, channels_last,
-                                              seed + offset, args.updates)
+                                              flush_denormals, seed + offset, args.updates)
             rows.append({"seed": seed, "variant": name, "td_loss_last_quarter": float(np.mean(losses[-len(losses) // 4:]))})
         reference = greedy_actions(networks["float32"], states)
         for row in rows[-len(VARIANTS):]:
@@ -126,7 +133,7 @@ def main(argv=None) -> None:
     commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
     (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))
     (out / "summary.md").write_text(
-        f"# --bf16 and --channels-last against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
+        f"# --bf16, --channels-last and --flush-denormals against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
         f"{args.updates} updates, {args.seeds} seeds\n\n{table}\n\n"
         + provenance(command, commit, f"; torch {torch.__version__}, {args.threads} thread(s)")
         + f"- greedy actions compared on {args.states} replay states; eval: {args.games} games at epsilon "

@@ -448,13 +448,16 @@ def test_agent_gif_plays_one_whole_game_from_saved_weights(tmp_path, capsys):
     assert stop.value.code == 2 and "is not a model dqn_atari.py --save-model wrote" in capsys.readouterr().err
 
 
-def test_bf16_check_trains_four_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys):
-    """benchmark/bf16_check.py: float32, bf16 (plain and channels-last) on the same batches and float32 on others,
-    from one checkpoint."""
+def test_bf16_check_trains_five_ways_from_a_checkpoint_and_compares_with_float32(tmp_path, capsys, monkeypatch):
+    """benchmark/bf16_check.py: float32, bf16 (plain, channels-last, flushing denormals) on the same batches and
+    float32 on others, from one checkpoint; denormals are flushed in their variant's updates alone."""
     sys.path.insert(0, str(REPO / "benchmark"))
     import bf16_check
 
     run = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True))
+    tiny, flushed = torch.tensor(1e-39), []
+    update = atari.td_update
+    monkeypatch.setattr(atari, "td_update", lambda *args: flushed.append((tiny * 1.0).item() == 0) or update(*args))
     out = tmp_path / "check"
     bf16_check.main([os.path.join(run["run_dir"], "checkpoint.pt"), "--updates", "8", "--seeds", "2", "--states",
                      "50", "--games", "1", "--out", str(out)])
@@ -462,7 +465,11 @@ def test_bf16_check_trains_four_ways_from_a_checkpoint_and_compares_with_float32
     assert [(row["seed"], row["variant"]) for row in rows] == [(s, v) for s in (1, 2) for v in bf16_check.VARIANTS]
     assert all(row["greedy_agreement_with_float32"] == 1.0 for row in rows if row["variant"] == "float32")
     losses = {row["variant"]: row["td_loss_last_quarter"] for row in rows if row["seed"] == 1}
-    assert len(set(losses.values())) == 4, "bf16, its channels-last order and the other batches each change them"
+    # so does the flush: this young agent's TD errors are tiny, and Adam's second moments of their squared
+    # gradients fall below 1.2e-38
+    assert len(set(losses.values())) == 5, "bf16, its channels-last order, the flush and the other batches"
+    assert flushed == ([False] * 8 * 3 + [True] * 8 + [False] * 8) * 2  # 8 updates per variant, in VARIANTS' order
+    assert (tiny * 1.0).item() > 0
     assert "| bf16, same batches |" in (out / "summary.md").read_text()
 
     no_replay = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
