@@ -3,7 +3,9 @@
 `diff dqn_atari.py dqn_atari_parallel.py` shows only them: --num-envs N plays N training games at once, each past
 the first in a worker process (on a GPU, --replay-on-gpu keeps the replay in GPU memory), and --overlap-updates
 (CPU) computes each update's gradient in a learner thread while the next steps are played. Both change what is
-learned a little (README's results say how much); with one game and no overlap, this is dqn_atari.py.
+learned a little (README's results say how much); with one game and no overlap, this is dqn_atari.py. Two CPU
+options come with them: --channels-last (the weights' memory order) and --flush-denormals (values below 1.2e-38
+zeroed, which Adam's step on an Intel CPU needs to run at speed).
 
 Top to bottom: the flags, the game behind Nature's wrappers, preprocessing on the training device, the replay,
 the network and the TD update, evaluation, the speed-ups attached around the update (--bf16, CUDA graphs), the

@@ -133,7 +133,8 @@ def main(argv=None) -> None:
     commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
     (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))
     (out / "summary.md").write_text(
-        f"# --bf16, --channels-last and --flush-denormals against float32 from {run_args.env_id} at step {checkpoint['global_step']:,}: "
+        f"# --bf16, --channels-last and --flush-denormals against float32 from {run_args.env_id} at step "
+        f"{checkpoint['global_step']:,}: "
         f"{args.updates} updates, {args.seeds} seeds\n\n{table}\n\n"
         + provenance(command, commit, f"; torch {torch.__version__}, {args.threads} thread(s)")
         + f"- greedy actions compared on {args.states} replay states; eval: {args.games} games at epsilon "
