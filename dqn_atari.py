@@ -908,6 +908,9 @@ def load_checkpoint(path: str) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if checkpoint.get("format") in OLDER_FORMATS:
             raise ConfigError(f"an older checkpoint ({OLDER_FORMATS[checkpoint['format']]})")
+        if str(checkpoint.get("format")).startswith("dqn_atari") and checkpoint["format"] != CHECKPOINT_FORMAT:
+            raise ConfigError(f"its format is {checkpoint['format']!r}, another script's (this one reads "
+                              f"{CHECKPOINT_FORMAT!r}): resume it with the script that wrote it")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a checkpoint")
         for field, kinds in CHECKPOINT_FIELDS.items():

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
+import dqn_atari
 import dqn_atari_parallel as parallel
 from conftest import (check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, count_calls, frame_with_id, rewrite, small_args)
@@ -160,6 +161,18 @@ def test_a_checkpoint_whose_ring_counters_were_edited_out_of_range_is_refused_na
         path = rewrite({**saved, "replay": {**saved["replay"], key: value}}, tmp_path / f"{key}.pt", parallel)
         with pytest.raises(parallel.ConfigError, match=re.escape(message)):
             parallel.train(parallel.Args(resume=path), ["--resume", path])
+
+
+@pytest.mark.parametrize("writer", ["dqn_atari", "dqn_atari_parallel"])
+def test_a_checkpoint_of_the_other_atari_script_is_refused_with_which_script_resumes_it(tmp_path, writer):
+    """Both scripts write checkpoint.pt, each in its own layout: one given to the other gets told so, not that
+    the file is unreadable."""
+    reader = parallel if writer == "dqn_atari" else dqn_atari
+    written = (dqn_atari if writer == "dqn_atari" else parallel).CHECKPOINT_FORMAT
+    path = rewrite({"format": written}, tmp_path / "checkpoint.pt", reader)
+    with pytest.raises(reader.ConfigError, match=re.escape(f"its format is {written!r}, another script's (this one "
+                                                           f"reads {reader.CHECKPOINT_FORMAT!r}): resume it with")):
+        reader.load_checkpoint(path)
 
 
 def test_updates_due_before_every_game_has_stored_a_transition_are_refused(tmp_path):
