@@ -389,13 +389,13 @@ def train(args: Args) -> dict:
         diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
     final_returns = None
     if not diverged:
-        final_returns = log.evaluate(evaluate, q_network, global_step)
-        print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
-              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
-        if args.save_model:
+        if args.save_model:  # first: a Ctrl-C in the final evaluation keeps the trained weights
             model_path = os.path.join(log.run_dir, f"{args.exp_name}.pt")
             save_model(model_path, q_network, args, obs_dim, n_actions)
             print(f"model saved to {model_path}")
+        final_returns = log.evaluate(evaluate, q_network, global_step)
+        print(f"final eval over {len(final_returns)} episodes: {final_returns.mean():.2f} ± "
+              f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
     log.close(diverged)
     env.close()
     if diverged:

@@ -857,11 +857,11 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
     if not (stop_signal or diverged):
         diverged = weights_not_finite(q_network, global_step)  # the last update's: never evaluated or saved
     if not (stop_signal or diverged):
+        if args.save_model:  # first: a Ctrl-C in the final evaluation, minutes of play, keeps the trained weights
+            log.save_model(q_network, game.n_actions)
         final_returns = log.evaluate(evaluate, q_network, global_step)
         print(f"final eval over {len(final_returns)} games: {final_returns.mean():.2f} ± "
               f"{final_returns.std():.2f} (wall {log.wall_seconds():.1f}s)", flush=True)
-        if args.save_model:
-            log.save_model(q_network, game.n_actions)
     log.close(diverged)
     if diverged:
         kept = (f"the last good checkpoint, {log.checkpoint_path} (step {log.last_checkpoint_step:,}), is untouched"

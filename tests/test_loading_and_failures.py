@@ -399,6 +399,25 @@ def test_a_last_update_that_goes_non_finite_is_neither_evaluated_nor_saved(tmp_p
     assert not list((tmp_path / "dqn").glob("*/*.pt"))
 
 
+@pytest.mark.parametrize("script", [atari, dqn], ids=["dqn_atari", "dqn"])
+def test_ctrl_c_in_the_final_evaluation_keeps_the_trained_weights(tmp_path, monkeypatch, script):
+    """The final evaluation plays whole games, minutes of them for a trained Atari agent: --save-model writes the
+    weights before it, so a Ctrl-C there loses none of the training."""
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(script.Evaluator, "__call__", interrupted)
+    if script is atari:
+        args = small_args(tmp_path, total_timesteps=30, save_model=True)
+    else:
+        args = dqn.Args(total_timesteps=600, learning_starts=500, buffer_size=1000, hidden_sizes=(32,), eval_every=0,
+                        progress_every=0, runs_dir=str(tmp_path / "runs"), cuda=False, save_model=True)
+    with pytest.raises(KeyboardInterrupt):
+        script.train(args)
+    (model,) = (tmp_path / "runs").glob("*/*.pt")
+    saved = torch.load(model, weights_only=True)
+    assert saved["checksum"] == script.checksum({key: value for key, value in saved.items() if key != "checksum"})
+
+
 def test_a_diverging_dqn_run_stops_in_one_line_and_saves_no_model(tmp_path):
     # Adam's steps are about the learning rate in size: at 1e38 the weights overflow within a few updates
     finished = run_script("dqn.py", "--learning-rate", "1e38", "--total-timesteps", "1500", "--learning-starts", "500",
