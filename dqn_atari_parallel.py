@@ -1417,10 +1417,12 @@ class RunLog:
         self.last_checkpoint_step = checkpoint["global_step"] if checkpoint else None
         eval_path, rows = os.path.join(self.run_dir, "eval.csv"), [["step", "eval_mean", "eval_std", "episodes",
                                                                     "wall_seconds"]]
-        if checkpoint and os.path.exists(eval_path):  # a resumed run drops the rows past its checkpoint
+        # a resumed run drops the rows past its checkpoint, and the final evaluation's, which it plays again
+        if checkpoint and os.path.exists(eval_path):
             with open(eval_path, newline="") as old:
                 try:
-                    rows += [row for row in list(csv.reader(old))[1:] if row and int(row[0]) <= start["global_step"]]
+                    rows += [row for row in list(csv.reader(old))[1:]
+                             if row and int(row[0]) <= start["global_step"] and int(row[0]) < args.total_timesteps]
                 except ValueError:
                     raise ConfigError(f"{eval_path} has a row that does not start with a step; mend or delete the "
                                       "row to resume") from None
