@@ -946,6 +946,7 @@ def train(args: Args, argv: Optional[list[str]] = None) -> dict:
             learner.start(checkpoint["learner_batch"])
 
     log = RunLog(args, checkpoint)
+    del checkpoint  # restored: free its copy of the replay, as large as the replay, for the rest of the run
     stop_signal = []  # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly
     previous_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signum))
                          for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -7,6 +7,7 @@ import pickle
 import re
 import signal
 import subprocess
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -448,6 +449,28 @@ def test_a_cpu_checkpoint_resumes_on_the_gpu_with_cuda_graphs(tmp_path):
 
 
 # ---- a resume without the replay ----
+
+
+def test_a_resumed_run_frees_the_loaded_replay_once_it_is_restored(tmp_path, monkeypatch):
+    """A checkpoint's replay is as large as the run's (7 GB for 1M frames): once copied into the run's own, the
+    loaded one is freed, not held beside it for the whole resumed run."""
+    first = atari.train(small_args(tmp_path, total_timesteps=120, checkpoint_every=120, checkpoint_replay=True))
+    path = os.path.join(first["run_dir"], "checkpoint.pt")
+    loaded_frames, load = [], atari.load_checkpoint
+
+    def load_and_watch(path):
+        checkpoint = load(path)
+        loaded_frames.append(weakref.ref(checkpoint["replay"]["frames"]))
+        return checkpoint
+    held_in_final_eval, evaluate = [], atari.Evaluator.__call__
+
+    def final_eval(self, *args):
+        held_in_final_eval.append(loaded_frames[0]() is not None)
+        return evaluate(self, *args)
+    monkeypatch.setattr(atari, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(atari.Evaluator, "__call__", final_eval)
+    atari.train(atari.Args(resume=path, total_timesteps=150), ["--resume", path, "--total-timesteps", "150"])
+    assert held_in_final_eval == [False]
 
 
 def test_a_resume_without_the_replay_stores_the_stacks_the_agent_saw(tmp_path):
