@@ -14,6 +14,7 @@ flags' checks, the checkpoints and the run's files that train() writes, out of t
 "The article" is "Learnings from reproducing DQN for Atari games": each mistake it describes has a test.
 """
 
+import atexit
 import copy
 import csv
 import hashlib
@@ -804,6 +805,9 @@ class Games:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        # a run that stops on an error never reaches close(), and at exit multiprocessing waits for its daemon
+        # processes after a SIGTERM these ignore: killed first (atexit calls the latest registered first)
+        atexit.register(self.kill)
 
     def _ask_all(self, command: str, arguments: list, local_call) -> list:
         """Sends each worker its command, runs game 0's part here meanwhile, then collects the answers."""
@@ -867,6 +871,7 @@ class Games:
             connection.send(("close", None))
         for worker in self.workers:
             worker.join()
+        atexit.unregister(self.kill)
 
 
 # ---- Training ----------------------------------------------------------------------------------------------
@@ -1144,7 +1149,8 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
                 check_in_range(f"replay.{field}", checkpoint["replay"][field], high)
         check_as_written(checkpoint["recent_returns"], [0.0] * len(checkpoint["recent_returns"]), "recent_returns")
         check_as_written(checkpoint["action_rng"], action_rng.bit_generator.state, "action_rng")
-        check_in_range("global_step", checkpoint["global_step"], args.total_timesteps)
+        # a run ends at the first multiple of num_envs at or past total_timesteps, and may checkpoint there
+        check_in_range("global_step", checkpoint["global_step"], args.total_timesteps + args.num_envs - 1)
     except ConfigError as error:
         raise ConfigError(f"{args.resume}: {error}") from None
     try:

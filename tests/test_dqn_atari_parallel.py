@@ -31,7 +31,7 @@ CHANGED = {"Args", "check_args", "FrameReplay", "td_update", "make_checkpoint", 
            "load_checkpoint", "read_resume", "train", "main"}
 ADDED = {"td_target", "td_gradients", "OverlappedUpdates", "Outcome", "step_game", "game_worker", "GameWorkerFailed",
          "WORKER_ANSWER_TIMEOUT_S", "WORKER_BYTES", "Games", "passes_multiple_of"}
-OTHER_LINES = {"import torch.multiprocessing", "from concurrent.futures import ThreadPoolExecutor",
+OTHER_LINES = {"import atexit", "import torch.multiprocessing", "from concurrent.futures import ThreadPoolExecutor",
                "from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin",
                "from typing import Literal, Optional, Union, get_args, get_origin"}
 
@@ -114,6 +114,28 @@ def test_several_games_count_steps_updates_and_syncs_as_one_game_and_leave_no_wo
     assert torch.get_num_threads() == threads_before, "the trainer's thread count is restored"
 
 
+def test_a_run_that_stops_on_an_error_after_its_workers_start_lets_the_interpreter_exit(tmp_path):
+    """An error past the workers' start never reaches Games.close(); a caller that keeps the error (pytest, a
+    notebook) keeps their pipes open too. The interpreter must still exit, not wait on workers deaf to SIGTERM."""
+    program = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import dqn_atari_parallel as parallel
+if __name__ == "__main__":
+    def refuse(*_):
+        raise parallel.ConfigError("refused after the workers started")
+    parallel.RunLog = refuse
+    try:
+        parallel.train(parallel.Args(num_envs=2, total_timesteps=10, buffer_size=600, runs_dir={str(tmp_path)!r},
+                                     cuda=False))
+    except parallel.ConfigError as error:
+        kept = error
+        print(kept)
+"""
+    finished = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0 and "refused after the workers started" in finished.stdout, finished.stderr
+
+
 def test_worker_processes_that_would_not_fit_in_memory_are_refused_before_any_starts(monkeypatch):
     monkeypatch.setattr(parallel, "available_memory_bytes", lambda: 3 * 10**8)  # 0.3 GB left after the replay
     parallel.Games(2, "BreakoutNoFrameskip-v4", 1, 4, 30, None).close()  # one worker of 0.2 GB fits
@@ -173,6 +195,19 @@ def test_a_checkpoint_of_the_other_atari_script_is_refused_with_which_script_res
     with pytest.raises(reader.ConfigError, match=re.escape(f"its format is {written!r}, another script's (this one "
                                                            f"reads {reader.CHECKPOINT_FORMAT!r}): resume it with")):
         reader.load_checkpoint(path)
+
+
+def test_a_checkpoint_at_a_last_step_past_total_timesteps_resumes_with_the_runs_own_flags(tmp_path):
+    """With 3 games, a run of 100 steps ends at step 102, and a checkpoint every 51 steps falls there too: resumed
+    as it was, it plays its final evaluation again, in place of that evaluation's row."""
+    finished = parallel.train(small_args(tmp_path, parallel, num_envs=3, total_timesteps=100, learning_starts=50,
+                                         checkpoint_every=51))
+    path = os.path.join(finished["run_dir"], "checkpoint.pt")
+    resumed = parallel.train(parallel.Args(resume=path), ["--resume", path])
+    assert finished["global_step"] == resumed["global_step"] == 102
+    assert np.array_equal(resumed["final_returns"], finished["final_returns"])
+    rows = open(os.path.join(finished["run_dir"], "eval.csv")).read().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["102"]
 
 
 def test_updates_due_before_every_game_has_stored_a_transition_are_refused(tmp_path):
