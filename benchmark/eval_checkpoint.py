@@ -1,4 +1,5 @@
-"""Evaluates a dqn_atari.py checkpoint's online network at several evaluation epsilons, on the same games.
+"""Evaluates a dqn_atari.py (or dqn_atari_parallel.py) checkpoint's online network at several evaluation epsilons,
+on the same games.
 
     python benchmark/eval_checkpoint.py runs/<run>/checkpoint.pt --epsilons 0.05 0.01 0 --games 10
 
@@ -19,13 +20,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dqn_atari  # noqa: E402
+import dqn_atari_parallel  # noqa: E402
+
+CONFIG_ERRORS = (dqn_atari.ConfigError, dqn_atari_parallel.ConfigError)
+
+
+def written_by_the_parallel_variant(path: Path) -> bool:
+    """Whether the file is in dqn_atari_parallel.py's layout; read with mmap, so only its format field is read."""
+    try:
+        return (torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("format")
+                == dqn_atari_parallel.CHECKPOINT_FORMAT)
+    except Exception:  # dqn_atari.load_checkpoint then says what is wrong with the file
+        return False
 
 
 def load_agent(path: Path, games: int):
     """A checkpoint, its run's Args (evaluating `games` games), a CPU frame preprocessor and the online network.
-    Raises dqn_atari.ConfigError for a file that is not a dqn_atari.py checkpoint."""
-    checkpoint = dqn_atari.load_checkpoint(str(path))
-    run_args = dqn_atari.Args(**{**vars(dqn_atari.Args()), **checkpoint["args"], "eval_episodes": games})
+    Raises one of CONFIG_ERRORS for a file that neither Atari script wrote."""
+    script = dqn_atari_parallel if written_by_the_parallel_variant(path) else dqn_atari
+    checkpoint = script.load_checkpoint(str(path))
+    defaults = vars(dqn_atari.Args())  # the variant's own flags (--num-envs...) play no part in an evaluation
+    flags = {name: value for name, value in checkpoint["args"].items() if name in defaults}
+    run_args = dqn_atari.Args(**{**defaults, **flags, "eval_episodes": games})
     game = dqn_atari.AtariGame(run_args.env_id, 0, run_args.frame_skip, run_args.noop_max,
                                repeat_action_probability=run_args.repeat_action_probability)
     preprocess = dqn_atari.FramePreprocessor(game.raw.shape[1:], torch.device("cpu"))
@@ -46,7 +62,7 @@ def main(argv=None) -> None:
                      f"{args.seed}) and --epsilons in [0, 1] (got {' '.join(f'{e:g}' for e in args.epsilons)})")
     try:
         checkpoint, run_args, preprocess, q_network = load_agent(args.checkpoint, args.games)
-    except dqn_atari.ConfigError as error:
+    except CONFIG_ERRORS as error:
         parser.error(str(error))
     print(f"{args.checkpoint}: {run_args.env_id}, step {checkpoint['global_step']:,}, {args.games} games per epsilon")
     for epsilon in args.epsilons:

@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 import dqn_atari as atari
+import dqn_atari_parallel
 from conftest import (rewrite, check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, frame_with_id, small_args)
 from script_runner import REPO, as_if_not_installed, assert_one_line_error, run_script
@@ -421,7 +422,7 @@ def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):
 
 
 def test_eval_checkpoint_plays_the_same_games_at_each_epsilon(tmp_path, capsys):
-    """benchmark/eval_checkpoint.py: a checkpoint's network, evaluated at several epsilons."""
+    """benchmark/eval_checkpoint.py: a checkpoint's network (either Atari script's), evaluated at several epsilons."""
     sys.path.insert(0, str(REPO / "benchmark"))
     import eval_checkpoint
 
@@ -432,6 +433,13 @@ def test_eval_checkpoint_plays_the_same_games_at_each_epsilon(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "BreakoutNoFrameskip-v4, step 30, 2 games per epsilon" in lines[0]
     assert lines[1] == lines[2] and lines[1].startswith("epsilon 0: mean")  # same games, same greedy play
+    parallel_run = dqn_atari_parallel.train(small_args(tmp_path, dqn_atari_parallel, num_envs=2, total_timesteps=30,
+                                                       checkpoint_every=30))
+    capsys.readouterr()
+    eval_checkpoint.main([os.path.join(parallel_run["run_dir"], "checkpoint.pt"), "--epsilons", "0", "--games", "2"])
+    parallel_lines = capsys.readouterr().out.splitlines()
+    assert "BreakoutNoFrameskip-v4, step 30, 2 games per epsilon" in parallel_lines[0]
+    assert parallel_lines[1].startswith("epsilon 0: mean")
     for bad, message in [([str(tmp_path / "missing.pt")], "no checkpoint at"),
                          ([path, "--games", "0"], "give --games of at least 1 (got 0)"),
                          ([path, "--seed", "-5"], "a --seed from 0 to 4294967295 (got -5)"),
