@@ -1149,8 +1149,7 @@ def restore_checkpoint(checkpoint: dict, args: Args, q_network, target_network, 
                 check_in_range(f"replay.{field}", checkpoint["replay"][field], high)
         check_as_written(checkpoint["recent_returns"], [0.0] * len(checkpoint["recent_returns"]), "recent_returns")
         check_as_written(checkpoint["action_rng"], action_rng.bit_generator.state, "action_rng")
-        # a run ends at the first multiple of num_envs at or past total_timesteps, and may checkpoint there
-        check_in_range("global_step", checkpoint["global_step"], args.total_timesteps + args.num_envs - 1)
+        check_in_range("global_step", checkpoint["global_step"], last_step(args))  # a run may checkpoint there
     except ConfigError as error:
         raise ConfigError(f"{args.resume}: {error}") from None
     try:
@@ -1290,7 +1289,7 @@ def read_resume(args: Args, argv: list[str]) -> tuple[Args, Optional[dict]]:
             raise ConfigError(f"the checkpoint was trained with --{name.replace('_', '-')} {getattr(saved, name)}, "
                               f"not {value}; drop the flag to continue it as it was")
     # a checkpoint past the run's end is a typo, and resuming it would drop the eval rows and events after it
-    if checkpoint["global_step"] > -(-resumed.total_timesteps // resumed.num_envs) * resumed.num_envs:
+    if checkpoint["global_step"] > last_step(resumed):
         raise ConfigError(f"the checkpoint is at step {checkpoint['global_step']:,}, past --total-timesteps "
                           f"{resumed.total_timesteps:,}; give one of at least {checkpoint['global_step']:,}")
     print(f"resuming {os.path.dirname(os.path.abspath(args.resume))} at step {checkpoint['global_step']:,}",
@@ -1395,6 +1394,11 @@ def start_tracking(args: Args, run_dir: str, run_id: Optional[str] = None):
                           "`wandb login`, or set WANDB_MODE=offline") from None
     run.config.update(vars(args), allow_val_change=True)  # a resumed run's --total-timesteps may have changed
     return run
+
+
+def last_step(args: Args) -> int:
+    """The env step a run ends at: the first multiple of num_envs at or past total_timesteps."""
+    return -(-args.total_timesteps // args.num_envs) * args.num_envs
 
 
 def passes_multiple_of(every: int, before: int, after: int) -> bool:

@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 CHANGED = {"Args", "check_args", "FrameReplay", "td_update", "make_checkpoint", "restore_checkpoint",
            "load_checkpoint", "read_resume", "train", "main"}
 ADDED = {"td_target", "td_gradients", "OverlappedUpdates", "Outcome", "step_game", "game_worker", "GameWorkerFailed",
-         "WORKER_ANSWER_TIMEOUT_S", "WORKER_BYTES", "Games", "passes_multiple_of"}
+         "WORKER_ANSWER_TIMEOUT_S", "WORKER_BYTES", "Games", "last_step", "passes_multiple_of"}
 OTHER_LINES = {"import atexit", "import torch.multiprocessing", "from concurrent.futures import ThreadPoolExecutor",
                "from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin",
                "from typing import Literal, Optional, Union, get_args, get_origin"}
