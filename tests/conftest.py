@@ -135,6 +135,19 @@ def check_a_resumed_run_ends_identical(script, tmp_path, capsys, **settings) -> 
     assert [row.split(",")[0] for row in eval_rows[1:]] == ["120", "240"]
 
 
+def check_a_resume_at_the_last_step_plays_the_final_evaluation_again(script, tmp_path, last_step: int,
+                                                                     **settings) -> None:
+    """A run stopped in its final evaluation, past the loop's last checkpoint (at `last_step`), is resumed as it
+    was: that evaluation is played again (the same games, the same network), and eval.csv keeps one row for it."""
+    finished = script.train(small_args(tmp_path, script, **settings))
+    path = os.path.join(finished["run_dir"], "checkpoint.pt")
+    resumed = script.train(script.Args(resume=path), ["--resume", path])
+    assert finished["global_step"] == resumed["global_step"] == last_step
+    assert np.array_equal(resumed["final_returns"], finished["final_returns"])
+    rows = open(os.path.join(finished["run_dir"], "eval.csv")).read().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == [str(last_step)]
+
+
 def check_a_signal_writes_a_checkpoint_that_resumes(script: str, tmp_path, sig, whole_group: bool, *flags) -> dict:
     """Stops a run with `sig` once training is under way (to the whole process group if whole_group, as Ctrl-C
     in a terminal does), then resumes its checkpoint for 50 more steps; returns the checkpoint."""

@@ -19,7 +19,8 @@ from torch.nn.utils import parameters_to_vector
 
 import dqn_atari as atari
 import dqn_atari_parallel
-from conftest import (rewrite, check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
+from conftest import (rewrite, check_a_resume_at_the_last_step_plays_the_final_evaluation_again,
+                      check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, frame_with_id, small_args)
 from script_runner import REPO, as_if_not_installed, assert_one_line_error, run_script
 
@@ -361,14 +362,8 @@ def test_same_seed_same_run_and_a_resumed_run_ends_identical(tmp_path, capsys):
 
 
 def test_a_resume_at_the_last_step_plays_the_final_evaluation_again_in_place_of_its_row(tmp_path):
-    """A run stopped in its final evaluation, past the loop's last checkpoint, is resumed to finish: that
-    evaluation is played again (the same games, the same network) and eval.csv keeps one row for the step."""
-    finished = atari.train(small_args(tmp_path, total_timesteps=40, learning_starts=20, checkpoint_every=40))
-    path = os.path.join(finished["run_dir"], "checkpoint.pt")
-    resumed = atari.train(atari.Args(resume=path), ["--resume", path])
-    assert resumed["global_step"] == 40 and np.array_equal(resumed["final_returns"], finished["final_returns"])
-    rows = open(os.path.join(finished["run_dir"], "eval.csv")).read().splitlines()[1:]
-    assert [row.split(",")[0] for row in rows] == ["40"]
+    check_a_resume_at_the_last_step_plays_the_final_evaluation_again(
+        atari, tmp_path, 40, total_timesteps=40, learning_starts=20, checkpoint_every=40)
 
 
 def test_checkpoint_refuses_other_env_other_network_and_corrupt_files(tmp_path):

@@ -18,7 +18,8 @@ from torch.nn.utils import parameters_to_vector
 
 import dqn_atari
 import dqn_atari_parallel as parallel
-from conftest import (check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
+from conftest import (check_a_resume_at_the_last_step_plays_the_final_evaluation_again,
+                      check_a_resumed_run_ends_identical, check_a_signal_writes_a_checkpoint_that_resumes,
                       check_replay_against_a_naive_one, count_calls, frame_with_id, rewrite, small_args)
 from script_runner import INTERRUPTED, REPO, assert_one_line_error, lines_without_emulator_banners, run_script
 
@@ -198,16 +199,9 @@ def test_a_checkpoint_of_the_other_atari_script_is_refused_with_which_script_res
 
 
 def test_a_checkpoint_at_a_last_step_past_total_timesteps_resumes_with_the_runs_own_flags(tmp_path):
-    """With 3 games, a run of 100 steps ends at step 102, and a checkpoint every 51 steps falls there too: resumed
-    as it was, it plays its final evaluation again, in place of that evaluation's row."""
-    finished = parallel.train(small_args(tmp_path, parallel, num_envs=3, total_timesteps=100, learning_starts=50,
-                                         checkpoint_every=51))
-    path = os.path.join(finished["run_dir"], "checkpoint.pt")
-    resumed = parallel.train(parallel.Args(resume=path), ["--resume", path])
-    assert finished["global_step"] == resumed["global_step"] == 102
-    assert np.array_equal(resumed["final_returns"], finished["final_returns"])
-    rows = open(os.path.join(finished["run_dir"], "eval.csv")).read().splitlines()[1:]
-    assert [row.split(",")[0] for row in rows] == ["102"]
+    """With 3 games, a run of 100 steps ends at step 102, and a checkpoint every 51 steps falls there too."""
+    check_a_resume_at_the_last_step_plays_the_final_evaluation_again(
+        parallel, tmp_path, 102, num_envs=3, total_timesteps=100, learning_starts=50, checkpoint_every=51)
 
 
 def test_updates_due_before_every_game_has_stored_a_transition_are_refused(tmp_path):
