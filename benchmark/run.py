@@ -457,8 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="runs in parallel (default: the cores divided by --cores-per-run)")
     parser.add_argument("--cores-per-run", type=int, default=1,
-                        help="cores each run is pinned to, with as many torch threads (dqn_atari.py with "
-                             "--num-envs N: N, one per game)")
+                        help="cores each run is pinned to, with as many torch threads "
+                             "(dqn_atari_parallel.py with --num-envs N: N, one per game)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="final eval that counts as solved (default: the env spec's reward_threshold)")
     parser.add_argument("--out", required=True, help="folder for CSVs, PNGs, logs and summary.md")

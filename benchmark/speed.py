@@ -164,6 +164,13 @@ def main(argv=None) -> None:
         return setup_environment(SB3_VENV, SB3_REQUIREMENTS)
     if args.setup_cleanrl:  # gymnasium 0.29 learns the Atari ids only from an import of ale_py; CleanRL's never makes it
         return setup_environment(CLEANRL_VENV, CLEANRL_REQUIREMENTS, import_at_start="ale_py")
+    # the flags as typed first, then what they point to: a typo is named before a missing set-up
+    if not args.out:
+        parser.error("--out is required")
+    if min(args.repeats, args.steps, args.learning_starts, args.buffer_size) < 1:
+        parser.error("--repeats, --steps, --learning-starts and --buffer-size must be at least 1")
+    if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
+        parser.error(f"--threads must be from 1 to the {len(os.sched_getaffinity(0))} cores here, got {args.threads}")
     if args.no_sb3 and not args.cleanrl:
         parser.error("--no-sb3 leaves nothing to compare against: give --cleanrl PATH")
     if not args.no_sb3 and not args.reference_python.exists():
@@ -172,12 +179,6 @@ def main(argv=None) -> None:
         parser.error(f"{args.cleanrl} is not a CleanRL checkout (no cleanrl/dqn_atari.py)")
     if args.cleanrl and not args.cleanrl_python.exists():
         parser.error(f"no CleanRL environment at {args.cleanrl_python}: run `python benchmark/speed.py --setup-cleanrl`")
-    if not args.out:
-        parser.error("--out is required")
-    if min(args.repeats, args.steps, args.learning_starts, args.buffer_size) < 1:
-        parser.error("--repeats, --steps, --learning-starts and --buffer-size must be at least 1")
-    if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
-        parser.error(f"--threads must be from 1 to the {len(os.sched_getaffinity(0))} cores here, got {args.threads}")
     out = output_folder(parser, args.out)
     args.cores = set(sorted(os.sched_getaffinity(0))[:args.threads])
 

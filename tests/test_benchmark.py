@@ -344,7 +344,10 @@ def test_speed_comparison_refuses_a_missing_reference_or_cleanrl_checkout(tmp_pa
                            "no CleanRL environment at"),
                           (["--no-sb3", "--out", str(tmp_path)], "--no-sb3 leaves nothing to compare against"),
                           ([*reference, "--repeats", "0"], "--repeats, --steps, --learning-starts and --buffer-size"),
-                          ([*reference, "--threads", "0"], "--threads must be from 1 to the")):
+                          ([*reference, "--threads", "0"], "--threads must be from 1 to the"),
+                          # a typed flag is named first, before a set-up that is missing too
+                          (["--reference-python", str(tmp_path / "none"), "--out", str(tmp_path), "--repeats", "0"],
+                           "--repeats, --steps, --learning-starts and --buffer-size")):
         with pytest.raises(SystemExit) as exit_info:
             speed.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
