@@ -1,6 +1,6 @@
 """Do `--bf16`, `--channels-last` and `--flush-denormals` learn as float32 does, from the same point? From a
-dqn_atari.py checkpoint saved with its replay, trains on for `--updates` updates five ways for each seed, all
-starting from the checkpoint's networks and optimizer:
+dqn_atari.py (or dqn_atari_parallel.py) checkpoint saved with its replay, trains on for `--updates` updates five
+ways for each seed, all starting from the checkpoint's networks and optimizer:
 
 - float32;
 - bf16, on the same batches;
@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval_checkpoint import load_agent
+from eval_checkpoint import CONFIG_ERRORS, load_agent
 from run import REPO, command_line, git_commit, output_folder, provenance
 
 sys.path.insert(0, str(REPO))
 import dqn_atari  # noqa: E402
+import dqn_atari_parallel  # noqa: E402
 
 VARIANTS = {  # name: (bf16, channels_last, flush_denormals, batch stream offset)
     "float32": (False, False, False, 0),
@@ -72,6 +73,18 @@ def train_on(checkpoint: dict, run_args, replay, n_actions: int, bf16: bool, cha
     return online, losses
 
 
+def checkpoint_replay(checkpoint: dict, buffer_size: int):
+    """The checkpoint's replay on the CPU, in the layout of the script that wrote it (the parallel variant keeps a
+    ring per training game)."""
+    if checkpoint["format"] == dqn_atari_parallel.CHECKPOINT_FORMAT:
+        games = checkpoint["args"]["num_envs"]
+        replay = dqn_atari_parallel.FrameReplay(buffer_size, torch.device("cpu"), 0, games=games)
+    else:
+        replay = dqn_atari.FrameReplay(buffer_size, torch.device("cpu"), 0)
+    replay.load_state(checkpoint["replay"])
+    return replay
+
+
 @torch.no_grad()
 def greedy_actions(network, states: torch.Tensor) -> torch.Tensor:
     return torch.cat([network(chunk).argmax(dim=1) for chunk in states.split(256)])
@@ -80,7 +93,8 @@ def greedy_actions(network, states: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a dqn_atari.py checkpoint written with its replay")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a dqn_atari.py or dqn_atari_parallel.py checkpoint written with its replay")
     parser.add_argument("--updates", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--states", type=int, default=2000, help="replay states on which greedy actions are compared")
@@ -92,15 +106,14 @@ def main(argv=None) -> None:
         parser.error("--updates, --seeds, --states, --games and --threads must be at least 1")
     try:
         checkpoint, run_args, preprocess, q_network = load_agent(args.checkpoint, args.games)
-    except dqn_atari.ConfigError as error:
+    except CONFIG_ERRORS as error:
         parser.error(str(error))
     if checkpoint.get("replay") is None:
         parser.error(f"{args.checkpoint} holds no replay: write it with --checkpoint-replay")
     out = output_folder(parser, args.out)
     torch.set_num_threads(args.threads)
     n_actions = q_network.network[-1].out_features
-    replay = dqn_atari.FrameReplay(run_args.buffer_size, torch.device("cpu"), 0)
-    replay.load_state(checkpoint["replay"])
+    replay = checkpoint_replay(checkpoint, run_args.buffer_size)
     replay.rng = np.random.default_rng(12345)
     states = replay.sample(args.states)[0]
 
@@ -130,7 +143,7 @@ def main(argv=None) -> None:
     table = "\n".join(lines)
     print(table)
     command = command_line(__file__, argv)
-    commit = git_commit([Path(__file__), REPO / "dqn_atari.py"])
+    commit = git_commit([Path(__file__), REPO / "dqn_atari.py", REPO / "dqn_atari_parallel.py"])
     (out / "bf16_check.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=1))
     (out / "summary.md").write_text(
         f"# --bf16, --channels-last and --flush-denormals against float32 from {run_args.env_id} at step "

@@ -485,6 +485,13 @@ def test_bf16_check_trains_five_ways_from_a_checkpoint_and_compares_with_float32
     assert flushed == ([False] * 8 * 3 + [True] * 8 + [False] * 8) * 2  # 8 updates per variant, in VARIANTS' order
     assert (tiny * 1.0).item() > 0
     assert "| bf16, same batches |" in (out / "summary.md").read_text()
+    # the parallel variant's checkpoint: its replay keeps a ring per training game
+    parallel_run = dqn_atari_parallel.train(small_args(tmp_path, dqn_atari_parallel, num_envs=2, total_timesteps=120,
+                                                       checkpoint_every=120, checkpoint_replay=True))
+    bf16_check.main([os.path.join(parallel_run["run_dir"], "checkpoint.pt"), "--updates", "2", "--seeds", "1",
+                     "--states", "20", "--games", "1", "--out", str(tmp_path / "parallel-check")])
+    parallel_rows = json.loads((tmp_path / "parallel-check" / "bf16_check.json").read_text())["rows"]
+    assert [row["variant"] for row in parallel_rows] == list(bf16_check.VARIANTS)
 
     no_replay = atari.train(small_args(tmp_path, total_timesteps=30, checkpoint_every=30))
     capsys.readouterr()
